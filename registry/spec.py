@@ -1,0 +1,283 @@
+"""The root ``Spec`` model, built from the registries, and ``load_spec``: JSON -> validated Spec.
+
+Nested choices inside params models (an attention backend inside a backbone, a timestep distribution
+inside an objective) are written as forward references to a registry's union name, e.g.
+``attention: "AttentionSpec | None"``; :func:`rebuild` resolves every such reference against the
+entries registered now, so a plugin's new entry is accepted everywhere its kind is.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import pydantic
+from pydantic import Field
+
+from registry.errors import SpecError, closest
+from registry.kinds import ALL, AUTOENCODERS, LR_SCHEDULES, SOLVERS
+from zoo.core.params import Settings
+
+SPEC_VERSION = 1
+
+
+class EMASettings(Settings):
+    decay: float = Field(0.9999, ge=0.0, lt=1.0, description="EMA decay per optimizer step (SiT/REPA/Self-Flow: 0.9999).")
+    warmup_steps: int = Field(
+        0, ge=0, description="If > 0, the decay at update n is min(decay, (1 + n) / (warmup_steps + n)); 0 = constant decay."
+    )
+
+
+class TrainSettings(Settings):
+    steps: int = Field(..., gt=0, description="Optimizer steps in the run.")
+    batch_size: int = Field(..., gt=0, description="Global batch size (all ranks and accumulation micro-steps together).")
+    grad_accum: int = Field(1, gt=0, description="Micro-steps accumulated per optimizer step.")
+    lr: float = Field(1e-4, gt=0, description="Base AdamW learning rate (REPA/SiT: 1e-4).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up from 0, in optimizer steps.")
+    lr_schedule: "LRScheduleSpec" = Field(default_factory=lambda: LR_SCHEDULES.get("constant").Params(type="constant"),
+                                          description="Learning-rate schedule after warm-up.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; null disables clipping.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU (bf16 backward is slow on CPUs).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
+    ema: EMASettings = Field(default_factory=EMASettings, description="EMA of the backbone (evaluated; Self-Flow's teacher).")
+    seed: int = Field(0, description="Seed of initialisation, data order and per-step noise.")
+    checkpoint_every: int = Field(1000, gt=0, description="Save a checkpoint every this many steps (and at the end).")
+    keep_checkpoints: int = Field(3, gt=0, description="Keep the newest this many checkpoints.")
+    max_consecutive_skips: int = Field(
+        20, gt=0, description="Stop the run after this many consecutive steps skipped for a non-finite loss or gradient.")
+    compile: bool = Field(False, description="torch.compile the backbone (slow first step; off on CPU by default).")
+
+
+class SampleSettings(Settings):
+    every: int | None = Field(None, gt=0, description="Write a preview sample grid every this many steps (null = only at the end).")
+    n: int = Field(16, gt=0, description="Samples per preview / per `runtime.sample` call.")
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale w in v_u + w (v_c - v_u); 1 = off.")
+    guidance_low: float = Field(0.0, ge=0, le=1, description="Guidance applies for t in [low, high] (RF time).")
+    guidance_high: float = Field(1.0, ge=0, le=1, description="Upper end of the guidance interval (REPA: 0.7).")
+    seed: int = Field(0, description="Seed of the sampling noise (independent of the training RNG).")
+    labels: list[int] | None = Field(None, description="Class labels to sample; null cycles 0, 1, ..., num_classes - 1.")
+    use_ema: bool = Field(True, description="Sample from the EMA weights.")
+
+
+class EvalSettings(Settings):
+    every: int | None = Field(None, gt=0, description="Evaluate every this many steps (null = only at the end).")
+    at_end: bool = Field(True, description="Evaluate once after the last step.")
+    num_samples: int = Field(200, gt=0, description="Generated samples per evaluation.")
+    metrics: list["MetricSpec"] = Field(default_factory=list, description="Metrics to compute.")
+
+
+class LogSettings(Settings):
+    every: int = Field(10, gt=0, description="Log scalars every this many steps.")
+    tensorboard: bool = Field(True, description="Write tensorboard events under tb/.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+SECTION_MODELS: list[type[pydantic.BaseModel]] = [TrainSettings, SampleSettings, EvalSettings]
+
+
+class SpecBase(Settings):
+    schema_: str | None = Field(None, alias="$schema", description="Path of the JSON Schema, for editors.")
+    version: Literal[1] = Field(..., description="Spec format version.")
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Run name; default run dir runs/<name>.")
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _namespace() -> dict[str, Any]:
+    return {r.ref: r.union() for r in ALL.values() if r.names()}
+
+
+_SPEC_MODEL: type[SpecBase] | None = None
+
+
+def rebuild() -> type[SpecBase]:
+    """Resolve every registry forward reference and build the root ``Spec`` model (call after registering)."""
+    global _SPEC_MODEL
+    ns = _namespace()
+    models = [m for r in ALL.values() for m in r.params_models()] + SECTION_MODELS
+    for _ in range(2):  # twice: a model rebuilt first may embed one rebuilt later
+        for m in models:
+            m.model_rebuild(force=True, _types_namespace=ns)
+        ns = _namespace()
+    sections = {
+        "modality": (ns["ModalitySpec"], Field(..., description="How latents become tokens.")),
+        "data": (ns["DataSpec"], Field(..., description="Training data.")),
+        "autoencoder": (ns["AutoencoderSpec"], Field(
+            default_factory=lambda: AUTOENCODERS.get("identity").Params(type="identity"), description="Frozen autoencoder.")),
+        "backbone": (ns["BackboneSpec"], Field(..., description="The trained network.")),
+        "objective": (ns["ObjectiveSpec"], Field(..., description="Training objective.")),
+        "solver": (ns["SolverSpec"], Field(
+            default_factory=lambda: SOLVERS.get("euler").Params(type="euler"), description="Sampler.")),
+        "train": (TrainSettings, Field(..., description="Optimisation, precision, EMA, checkpoints.")),
+        "sample": (SampleSettings, Field(default_factory=SampleSettings, description="Sampling and guidance.")),
+        "eval": (EvalSettings, Field(default_factory=EvalSettings, description="Evaluation metrics and cadence.")),
+        "log": (LogSettings, Field(default_factory=LogSettings, description="Logging.")),
+    }
+    _SPEC_MODEL = pydantic.create_model("Spec", __base__=SpecBase, **sections)  # type: ignore[call-overload]
+    return _SPEC_MODEL
+
+
+def spec_model() -> type[SpecBase]:
+    return _SPEC_MODEL or rebuild()
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def _json_path(loc: tuple, raw: Any) -> str:
+    """pydantic ``loc`` -> dotted JSON path, dropping the union-tag steps (``backbone.sit.depth`` -> ``backbone.depth``)."""
+    parts: list[str] = []
+    node = raw
+    for step in loc:
+        if isinstance(node, dict) and isinstance(step, str) and step not in node and node.get("type") == step:
+            continue  # discriminated-union tag
+        if isinstance(step, int):
+            parts.append(f"[{step}]")
+        else:
+            parts.append(("." if parts else "") + str(step))
+        if isinstance(node, dict):
+            node = node.get(step)
+        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
+            node = node[step]
+        else:
+            node = None
+    return "".join(parts)
+
+
+def _known_fields(loc: tuple, raw: Any) -> list[str]:
+    """Field names allowed in the object that holds ``loc[-1]`` (best effort, for "did you mean")."""
+    node = raw
+    for step in loc[:-1]:
+        if isinstance(node, dict) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
+            node = node[step]
+    if isinstance(node, dict) and "type" in node:
+        return sorted({f for r in ALL.values() for t, c in r.items() if t == node["type"] for f in c.Params.model_fields})
+    top = {"train": TrainSettings, "sample": SampleSettings, "eval": EvalSettings, "log": LogSettings}
+    if len(loc) == 2 and loc[0] in top:
+        return list(top[loc[0]].model_fields)
+    if len(loc) == 1:
+        return [f if f != "schema_" else "$schema" for f in spec_model().model_fields]
+    return []
+
+
+def problems_from_validation(err: pydantic.ValidationError, raw: Any) -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors(include_url=False):
+        loc, typ, ctx = tuple(e["loc"]), e["type"], e.get("ctx") or {}
+        path = _json_path(loc, raw)
+        if typ == "union_tag_invalid":
+            known = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")]
+            tag = str(ctx.get("tag"))
+            near = closest(tag, known)
+            msg = f"unknown type {tag!r} (known: {', '.join(known)})" + (f"; did you mean {near!r}?" if near else "")
+            path = (path + ".type") if path else "type"
+        elif typ == "union_tag_not_found":
+            msg = "missing 'type' (every component is {\"type\": ..., ...})"
+        elif typ == "extra_forbidden":
+            near = closest(str(loc[-1]), _known_fields(loc, raw))
+            msg = "unknown field" + (f"; did you mean {near!r}?" if near else "")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+        out.append((path, msg))
+    return out
+
+
+# ------------------------------------------------------------------------------------ cross-field rules
+def cross_problems(spec: Any) -> list[tuple[str, str]]:
+    """Rules spanning sections, checked before any tensor exists. Components add their own through a
+    ``problems(spec) -> Iterable[(json_path, message)]`` method on their params model."""
+    out: list[tuple[str, str]] = []
+    tr = spec.train
+    if tr.batch_size % tr.grad_accum:
+        out.append(("train.grad_accum", f"batch_size {tr.batch_size} is not divisible by grad_accum {tr.grad_accum}"))
+    if tr.warmup_steps > tr.steps:
+        out.append(("train.warmup_steps", f"{tr.warmup_steps} warm-up steps exceed the run's {tr.steps} steps"))
+    if spec.sample.guidance_low > spec.sample.guidance_high:
+        out.append(("sample.guidance_low", "guidance_low must not exceed guidance_high"))
+    ncls = spec.data.num_classes
+    if spec.sample.labels is not None:
+        bad = [y for y in spec.sample.labels if not 0 <= y < max(ncls, 1)]
+        if bad:
+            out.append(("sample.labels", f"labels {bad} are outside 0..{ncls - 1}"))
+    for section in ("modality", "data", "autoencoder", "backbone", "objective", "solver"):
+        out += list(_component_problems(getattr(spec, section), spec))
+    for i, m in enumerate(spec.eval.metrics):
+        out += [(p or f"eval.metrics[{i}]", msg) for p, msg in _component_problems(m, spec)]
+    return out
+
+
+def _component_problems(params: Any, spec: Any) -> Iterable[tuple[str, str]]:
+    fn = getattr(params, "problems", None)
+    return fn(spec) if fn is not None else ()
+
+
+# ------------------------------------------------------------------------------------------ loading
+def set_path(raw: dict, dotted: str, value: Any) -> None:
+    """``--set a.b.c=VALUE``: set a nested key of the raw JSON (creating objects on the way)."""
+    keys = dotted.split(".")
+    node = raw
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k) if isinstance(node, dict) else None
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise SpecError([(".".join(keys[: i + 1]), f"--set {dotted}: not an object, cannot set a field inside it")])
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``"a.b=VALUE"`` -> ``("a.b", value)``; VALUE is parsed as JSON, else kept as a string."""
+    if "=" not in item:
+        raise SpecError([("", f"--set {item!r}: expected KEY=VALUE")])
+    key, text = item.split("=", 1)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return key.strip(), value
+
+
+def read_json(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError([("", f"spec file not found: {p}")])
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SpecError([("", f"{p}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}")]) from None
+    if not isinstance(raw, dict):
+        raise SpecError([("", f"{p}: the spec must be a JSON object")])
+    return raw
+
+
+def validate(raw: dict) -> Any:
+    """Raw JSON object -> validated ``Spec``; raises :class:`SpecError` listing every problem."""
+    try:
+        spec = spec_model().model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise SpecError(problems_from_validation(e, raw)) from None
+    probs = cross_problems(spec)
+    if probs:
+        raise SpecError(probs)
+    return spec
+
+
+def load_spec(path: str | Path, sets: Iterable[str] = ()) -> Any:
+    raw = read_json(path)
+    for item in sets:
+        set_path(raw, *parse_set(item))
+    return validate(raw)
+
+
+def resolved_dict(spec: Any) -> dict:
+    """The resolved spec: every default and preset value explicit, ready for ``spec.resolved.json``."""
+    d = spec.model_dump(mode="json", by_alias=True)
+    d.pop("$schema", None)
+    return d

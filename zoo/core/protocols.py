@@ -1,0 +1,100 @@
+"""The contract of each component kind. Constructors are ``cls(params, **deps)``; deps are runtime
+values the compiler passes by keyword (never the name of a params field).
+
+Shapes: ``B`` batch, ``N`` tokens, ``P`` token dim (channels x patch area), ``D`` backbone width.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from zoo.core.types import BackboneOut, LossOut, StepContext, StepRNG, TokenBatch
+
+Velocity = Callable[[Tensor, Tensor], Tensor]
+"""``v(x, t)``: ``x`` ``(B, N, P)``, ``t`` ``(B,)`` in RF time -> velocity ``(B, N, P)``."""
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """deps: ``token_dim: int, grid: tuple[int, ...], num_classes: int`` (0 = unconditional).
+
+    Class labels are ``0 .. num_classes - 1``; ``null_label == num_classes`` is the CFG null row.
+    ``forward(x (B,N,P), t (B,) or (B,N), y (B,) | None, taps=(), stop_after=None) -> BackboneOut``;
+    ``taps`` are 1-based block indices whose outputs go into ``features``; with ``stop_after=k`` the
+    blocks after ``k`` (and the output head) are skipped and ``pred`` is None.
+    """
+
+    depth: int
+    hidden: int
+    null_label: int
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, taps: tuple[int, ...] = (),
+                stop_after: int | None = None) -> BackboneOut: ...
+
+    def flops(self, num_tokens: int) -> float:
+        """Forward FLOPs (2 per multiply-accumulate) for one sample of ``num_tokens`` tokens."""
+        ...
+
+
+@runtime_checkable
+class Attention(Protocol):
+    """``attn(q, k, v, mask=None)``: ``q, k, v`` ``(B, N, H, Dh)`` -> ``(B, N, H, Dh)``; ``mask`` optional
+    bool ``(B, N, N)``, True where attention is allowed."""
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor: ...
+
+
+@runtime_checkable
+class Modality(Protocol):
+    """deps: ``patch: int, latent_shape: tuple[int, ...]``. Layout between latents and tokens."""
+
+    token_dim: int
+    grid: tuple[int, ...]
+
+    def to_tokens(self, z: Tensor) -> Tensor: ...        # (B, *latent_shape) -> (B, N, P)
+    def from_tokens(self, tokens: Tensor) -> Tensor: ...  # (B, N, P) -> (B, *latent_shape)
+
+
+@runtime_checkable
+class Autoencoder(Protocol):
+    """Frozen. ``encode`` ``(B, *input_shape)`` -> ``(B, *latent_shape)``; ``decode`` the inverse.
+    Params declare ``latent_shape(input_shape)`` so specs are checked before anything is built."""
+
+    def encode(self, x: Tensor) -> Tensor: ...
+    def decode(self, z: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Timesteps(Protocol):
+    """A distribution on [0, 1] given by its inverse CDF, so draws are ``icdf(U(0, 1))``."""
+
+    def icdf(self, u: Tensor) -> Tensor: ...
+    def sample(self, rng: StepRNG, *shape: int) -> Tensor: ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """An ``nn.Module`` (its own parameters, e.g. projector heads, are trained and saved with the
+    backbone). ``forward(student, batch, ctx) -> LossOut``; it owns timestep sampling, noising,
+    targets, label dropout, feature taps and auxiliary losses."""
+
+    def forward(self, student: torch.nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut: ...
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """``solve(velocity, noise, generator=None) -> x0``: integrates from t = 1 (``noise`` ``(B, N, P)``) to
+    t = 0. ``nfe`` is the number of velocity evaluations it makes."""
+
+    nfe: int
+
+    def solve(self, velocity: Velocity, noise: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
+
+
+@runtime_checkable
+class LRSchedule(Protocol):
+    """``factor(step, total_steps, warmup_steps) -> float`` multiplies the base learning rate."""
+
+    def factor(self, step: int, total_steps: int, warmup_steps: int) -> float: ...
