@@ -16,7 +16,7 @@ from pydantic import Field
 
 from registry.errors import SpecError, closest
 from registry.kinds import ALL, AUTOENCODERS, LR_SCHEDULES, SOLVERS
-from zoo.core.params import Settings
+from registry.params import Settings
 
 SPEC_VERSION = 1
 
@@ -87,8 +87,18 @@ class SpecBase(Settings):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _no_entries(kind: str) -> type[pydantic.BaseModel]:
+    """Placeholder for a kind with no entries: rejects every value, instead of breaking the models naming it."""
+
+    def reject(cls, data: Any) -> Any:
+        raise ValueError(f"no {kind} type is registered")
+
+    return pydantic.create_model(f"No_{kind}", __validators__={
+        "reject": pydantic.model_validator(mode="before")(classmethod(reject))})
+
+
 def _namespace() -> dict[str, Any]:
-    return {r.ref: r.union() for r in ALL.values() if r.names()}
+    return {r.ref: r.union() if r.names() else _no_entries(r.kind) for r in ALL.values()}
 
 
 _SPEC_MODEL: type[SpecBase] | None = None
@@ -122,6 +132,8 @@ def rebuild() -> type[SpecBase]:
 
 
 def spec_model() -> type[SpecBase]:
+    import zoo  # noqa: F401  (registers the built-ins and builds the model, if nobody has yet)
+
     return _SPEC_MODEL or rebuild()
 
 

@@ -10,6 +10,7 @@ _BUILTINS = [
     "zoo.objectives.flow_matching",
     "zoo.backbones.sit",
     "zoo.autoencoders.identity",
+    "zoo.autoencoders.diffusers_ae",
     "zoo.modalities.image",
     "zoo.data.digits",
     "zoo.data.image_folder",

@@ -1,49 +1,5 @@
-"""``ZooParams``: the base of every component's params model.
+"""Params base classes for components; they live in :mod:`registry.params` so that the registry can be
+imported without importing the zoo first."""
+from registry.params import Settings, ZooParams
 
-Params are frozen pydantic models that forbid unknown keys. A component may offer named presets
-(``presets = {"tiny": {...}, "B/2": {...}}``); a spec writes ``{"type": "sit", "preset": "B/2",
-"depth": 8}`` and gets the preset's values with the explicit fields on top. The resolved spec keeps
-every value explicit (and the preset name, for the record), so re-validating it is a no-op.
-"""
-from __future__ import annotations
-
-from typing import Any, ClassVar
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from registry.errors import closest
-
-
-class ZooParams(BaseModel):
-    """Base params model: ``extra="forbid"``, frozen, every field described."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-    presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {}}
-
-    preset: str | None = Field(
-        default=None,
-        description="Named preset whose values fill the fields not given explicitly (see `python -m registry list`).",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _expand_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("preset"), str) and data["preset"] in cls.presets:
-            return {**cls.presets[data["preset"]], **data}
-        return data
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, v: str | None) -> str | None:
-        if v is not None and v not in cls.presets:
-            near = closest(v, cls.presets)
-            hint = f"; did you mean {near!r}?" if near else ""
-            raise ValueError(f"unknown preset {v!r} (known: {', '.join(sorted(cls.presets))}){hint}")
-        return v
-
-
-class Settings(BaseModel):
-    """Base for untagged spec sections (``train``, ``sample``, ...): forbid unknown keys, frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+__all__ = ["Settings", "ZooParams"]

@@ -32,7 +32,7 @@ def velocity_target(x0: Tensor, x1: Tensor) -> Tensor:
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
     """Time shift ``s(a, t) = a t / (1 + (a - 1) t)``; ``a > 1`` moves mass toward noise (t = 1)."""
-    return shift * t / (1 + (shift - 1) * t)
+    return shift * t / (shift * t + 1 - t)  # = a t / (1 + (a - 1) t), exact at t = 0 and t = 1
 
 
 def sit_time(t: Tensor) -> Tensor:

@@ -1,0 +1,119 @@
+"""Compile a validated spec into a :class:`Graph` of live components.
+
+Order: autoencoder (frozen) -> modality -> backbone -> objective -> EMA -> solver, each built through its
+registry as ``cls(params, **deps)`` with the deps passed explicitly here. What is trainable (backbone +
+objective heads) is what the optimizer, DDP and checkpoints see; frozen modules are never saved; the EMA
+copy of the backbone is saved, evaluated and (for Self-Flow) used as the teacher.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from registry.kinds import AUTOENCODERS, BACKBONES, MODALITIES, OBJECTIVES, SOLVERS
+from runtime.optim import EMA
+from zoo.core.types import LossOut, StepContext, TokenBatch
+from zoo.layers.attention import default_attention
+
+
+class TrainModule(nn.Module):
+    """Backbone + objective: the one module DDP wraps. ``forward(batch, ctx) -> LossOut``."""
+
+    def __init__(self, backbone: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.backbone, self.objective = backbone, objective
+
+    def forward(self, batch: TokenBatch, ctx: StepContext) -> LossOut:
+        return self.objective(self.backbone, batch, ctx)
+
+
+@dataclass
+class Graph:
+    spec: Any
+    device: torch.device
+    autocast_dtype: torch.dtype | None   # None = fp32
+    input_shape: tuple[int, ...]         # one data sample, e.g. (C, H, W)
+    latent_shape: tuple[int, ...]
+    num_classes: int
+    autoencoder: nn.Module | None        # frozen; None on the meta device (dry run: weights not loaded)
+    modality: Any
+    train_module: TrainModule            # trainable: .backbone, .objective
+    ema: EMA | None
+    solver: Any
+    attention: str                       # the attention backend actually used
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.train_module.backbone
+
+    @property
+    def num_tokens(self) -> int:
+        return int(torch.Size(self.modality.grid).numel())
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def to_tokens(self, x: torch.Tensor, y: torch.Tensor | None) -> TokenBatch:
+        """Data ``(B, *input_shape)`` -> clean tokens ``(B, N, P)`` on the device (frozen encoder, no grad)."""
+        x = x.to(self.device, non_blocking=True)
+        z = self.autoencoder.encode(x).float()
+        y = y.to(self.device, non_blocking=True) if (y is not None and self.num_classes > 0) else None
+        return TokenBatch(self.modality.to_tokens(z), y)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, P)`` -> data space ``(B, *input_shape)``."""
+        return self.autoencoder.decode(self.modality.from_tokens(tokens.float()))
+
+    def train_flops_per_sample(self) -> float:
+        """Analytic training FLOPs per sample: 3 x the backbone forward (forward + backward) plus what the
+        objective adds (e.g. a teacher pass), when it says so through ``extra_forward_flops``."""
+        fwd = self.backbone.flops(self.num_tokens)
+        extra = getattr(self.train_module.objective, "extra_forward_flops", None)
+        return 3 * fwd + (extra(self.backbone, self.num_tokens) if extra else 0.0)
+
+
+def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True) -> Graph:
+    """Build every component of ``spec`` on ``device``. On ``torch.device("meta")`` (``--dry-run``) only the
+    shapes are built and frozen pretrained modules are not loaded."""
+    input_shape = tuple(spec.data.sample_shape())
+    latent_shape = tuple(spec.autoencoder.latent_shape(input_shape))
+    num_classes = int(spec.data.num_classes)
+    autoencoder = None
+    if device.type != "meta":
+        autoencoder = AUTOENCODERS.build(spec.autoencoder).to(device).eval().requires_grad_(False)
+    modality = MODALITIES.build(spec.modality, patch=spec.backbone.patch, latent_shape=latent_shape)
+
+    bb_params = spec.backbone
+    attn_dev = torch.device("cpu") if device.type == "meta" else device
+    if bb_params.attention is None:  # auto: xformers on CUDA when importable, else SDPA
+        bb_params = bb_params.model_copy(update={"attention": default_attention(attn_dev)})
+    torch.manual_seed(spec.train.seed)  # initialisation depends only on the seed
+    with torch.device(device):
+        backbone = BACKBONES.build(bb_params, token_dim=modality.token_dim, grid=tuple(modality.grid),
+                                   num_classes=num_classes)
+        objective = OBJECTIVES.build(spec.objective)
+    train_module = TrainModule(backbone, objective).to(device)
+    ema = EMA(backbone, spec.train.ema.decay, spec.train.ema.warmup_steps) if with_ema else None
+    return Graph(
+        spec=spec, device=device, autocast_dtype=resolve_autocast(spec.train.precision, device),
+        input_shape=input_shape, latent_shape=latent_shape, num_classes=num_classes,
+        autoencoder=autoencoder, modality=modality, train_module=train_module, ema=ema,
+        solver=SOLVERS.build(spec.solver), attention=bb_params.attention.type,
+    )
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

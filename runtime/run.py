@@ -1,0 +1,126 @@
+"""``python -m runtime.run SPEC [--set a.b=VALUE]... [--out DIR] [--resume auto|PATH] [--dry-run]``
+
+Validates the spec (every problem printed as ``json.path: message``, exit code 2), compiles it, trains,
+samples and evaluates, and prints where everything went. Under ``torchrun --nproc_per_node=N`` the same
+command runs data-parallel with the spec's global batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_SPEC = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m runtime.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec", help="spec JSON file")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="edit the raw spec before validation, e.g. --set train.steps=100 (VALUE parsed as JSON, else a string)")
+    ap.add_argument("--out", type=Path, default=None, help="run directory (default runs/<name>)")
+    ap.add_argument("--resume", default=None, metavar="auto|PATH",
+                    help="continue from the newest good checkpoint of the run directory (auto) or from PATH")
+    ap.add_argument("--dry-run", action="store_true", help="validate, resolve, print sizes and FLOPs, then exit")
+    ap.add_argument("--no-plugins", action="store_true", help="do not load third-party plugins")
+    return ap.parse_args(argv)
+
+
+def fail(lines: list[str]) -> int:
+    for line in lines:
+        sys.stderr.write(f"error: {line}\n")
+    return EXIT_SPEC
+
+
+def dry_run(spec) -> int:
+    import torch
+
+    from registry.spec import resolved_dict
+    from runtime.compiler import compile_spec, count_params
+
+    g = compile_spec(spec, torch.device("meta"))
+    tr = spec.train
+    per_sample = g.train_flops_per_sample()
+    print(json.dumps(resolved_dict(spec), indent=2))
+    print(f"\ninput {g.input_shape} -> latent {g.latent_shape} -> {g.num_tokens} tokens x {g.modality.token_dim}")
+    print(f"backbone parameters     {count_params(g.backbone):,}")
+    print(f"objective parameters    {count_params(g.train_module.objective):,}")
+    print(f"trainable parameters    {count_params(g.train_module, trainable_only=True):,}")
+    print(f"EMA parameters          {count_params(g.ema.module) if g.ema else 0:,}")
+    print(f"frozen autoencoder      {spec.autoencoder.type} (not loaded by --dry-run)")
+    print(f"forward FLOPs / sample  {g.backbone.flops(g.num_tokens) / 1e9:,.3f} GFLOP")
+    print(f"train FLOPs / step      {per_sample * tr.batch_size / 1e12:,.4f} TFLOP "
+          f"(global batch {tr.batch_size}; 3x forward + objective extras)")
+    print(f"train FLOPs / run       {per_sample * tr.batch_size * tr.steps / 1e18:,.4f} EFLOP ({tr.steps:,} steps)")
+    print(f"sampler                 {spec.solver.type}, {g.solver.nfe} NFE/sample, "
+          f"{g.solver.nfe * g.backbone.flops(g.num_tokens) / 1e12:,.3f} TFLOP/sample")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import zoo  # noqa: F401  (registers the built-ins)
+    from registry.errors import SpecError
+    from registry.plugins import load_plugins
+    from registry.spec import load_spec, resolved_dict
+
+    try:
+        if not args.no_plugins:
+            load_plugins()
+        spec = load_spec(args.spec, args.sets)
+    except SpecError as e:
+        return fail(e.lines())
+    if args.dry_run:
+        return dry_run(spec)
+
+    from runtime import distributed
+    from runtime.checkpoint import latest_checkpoint
+    from runtime.compiler import compile_spec
+    from runtime.train import TrainingStopped, train
+    from zoo.data.errors import DataError
+
+    run_dir = args.out or Path("runs") / spec.name
+    ckpt_root = run_dir / "checkpoints"
+    resume: Path | None = None
+    if args.resume == "auto":
+        resume = latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
+    elif args.resume:
+        resume = Path(args.resume)
+        if not (resume / "spec.resolved.json").is_file():
+            return fail([f"--resume {resume}: not a checkpoint directory (no spec.resolved.json)"])
+    elif ckpt_root.is_dir() and any(ckpt_root.glob("step_*")):
+        return fail([f"{run_dir} already holds checkpoints; pass --resume auto to continue it or --out for a new run"])
+
+    info = distributed.init(spec.train.device)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.resolved.json").write_text(json.dumps(resolved_dict(spec), indent=2) + "\n")
+        where = f"resuming from {resume}" if resume else "starting"
+        print(f"{spec.name}: {where} on {info.device} x{info.world_size}; run directory {run_dir}", flush=True)
+    try:
+        graph = compile_spec(spec, info.device)
+        result = train(graph, run_dir, info, resume=resume)
+    except DataError as e:
+        return fail([f"data: {e}"])
+    except FileNotFoundError as e:  # a weights file or directory named by the spec
+        return fail([str(e)])
+    except TrainingStopped as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    finally:
+        distributed.shutdown(info)
+    if info.is_main:
+        print(f"\ndone: {result['steps']} steps ({result['skipped_steps']} skipped)")
+        for k, v in sorted(result.get("metrics", {}).items()):
+            print(f"  {k:<28} {v:.4f}")
+        print(f"samples      {result['samples']}")
+        print(f"checkpoints  {ckpt_root}")
+        print(f"metrics      {run_dir / 'metrics.jsonl'}   (tensorboard --logdir {run_dir / 'tb'})")
+        print(f"sample again python -m runtime.sample {run_dir} --n 40")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

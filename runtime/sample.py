@@ -1,0 +1,153 @@
+"""Sampling: a pure function of (graph, solver, noise, labels, guidance), shared by the training loop
+and the CLI ``python -m runtime.sample CHECKPOINT_OR_RUN_DIR [--n N] [--steps S] [--cfg W] [--solver T]``,
+which needs nothing but the checkpoint (its ``spec.resolved.json`` and weights)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from zoo.solvers.guidance import guided
+
+
+def default_labels(n: int, num_classes: int, labels: list[int] | None = None) -> torch.Tensor | None:
+    """``labels`` repeated to length ``n``, or 0, 1, ..., num_classes - 1 cycled; None if unconditional."""
+    if num_classes == 0:
+        return None
+    base = labels if labels else list(range(num_classes))
+    return torch.tensor([base[i % len(base)] for i in range(n)], dtype=torch.long)
+
+
+@torch.no_grad()
+def generate(graph: Any, n: int, labels: torch.Tensor | None, *, solver: Any = None, cfg_scale: float = 1.0,
+             guidance_low: float = 0.0, guidance_high: float = 1.0, seed: int = 0, use_ema: bool = True,
+             batch_size: int = 256) -> torch.Tensor:
+    """``n`` samples in data space ``(n, *input_shape)``, clamped to [-1, 1]. The noise comes from a
+    generator seeded with ``seed`` (never the training RNG), drawn on the CPU so it is device-independent."""
+    net = graph.ema.module if (use_ema and graph.ema is not None) else graph.backbone
+    was_training = net.training
+    net.eval()
+    solver = solver or graph.solver
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, graph.num_tokens, graph.modality.token_dim, generator=gen)
+    out = []
+    for i in range(0, n, batch_size):
+        x1 = noise[i : i + batch_size].to(graph.device)
+        y = labels[i : i + batch_size].to(graph.device) if labels is not None else None
+
+        def model(x, t, yy):
+            with graph.autocast():
+                return net(x, t, yy).pred.float()
+
+        v = guided(model, y, net.null_label, cfg_scale, guidance_low, guidance_high)
+        x0 = solver.solve(v, x1, generator=torch.Generator(graph.device).manual_seed(seed + 1 + i))
+        out.append(graph.decode(x0).clamp(-1, 1).cpu())
+    net.train(was_training)
+    return torch.cat(out)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(B, C, H, W)`` in [-1, 1] -> uint8 ``(B, H, W, C)`` (C = 1 or 3)."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def grid_image(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
+    """Contact sheet, uint8 ``(H', W', 3)``."""
+    imgs = to_uint8(images)
+    if imgs.shape[-1] == 1:
+        imgs = np.repeat(imgs, 3, axis=-1)
+    b, h, w, _ = imgs.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / nrow)
+    sheet = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        sheet[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    if scale > 1:
+        sheet = sheet.repeat(scale, 0).repeat(scale, 1)
+    return sheet
+
+
+def save_png(arr: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _find_checkpoint(path: Path) -> Path:
+    from runtime.checkpoint import latest_checkpoint
+
+    if (path / "spec.resolved.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    ck = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+    if ck is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
+    return ck
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.sample", description=__doc__)
+    ap.add_argument("path", type=Path, help="a checkpoint directory (checkpoints/step_*) or a run directory")
+    ap.add_argument("--n", type=int, default=None, help="number of samples (default: the spec's sample.n)")
+    ap.add_argument("--steps", type=int, default=None, help="solver steps (default: the spec's)")
+    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the spec's)")
+    ap.add_argument("--solver", default=None, help="solver type, e.g. euler, heun, euler_maruyama")
+    ap.add_argument("--labels", default=None, help="comma-separated class labels to cycle")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--raw", action="store_true", help="use the trained (non-EMA) weights")
+    ap.add_argument("--out", type=Path, default=None, help="output PNG (default: <checkpoint>/samples_<...>.png)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+
+    import zoo  # noqa: F401
+    from registry.errors import SpecError
+    from registry.plugins import load_plugins
+    from registry.spec import validate
+    from runtime.checkpoint import load_checkpoint
+    from runtime.compiler import compile_spec
+    from runtime.distributed import pick_device
+
+    try:
+        ck_dir = _find_checkpoint(args.path)
+        load_plugins()
+        raw = json.loads((ck_dir / "spec.resolved.json").read_text())
+        if args.solver or args.steps:
+            sol = {"type": args.solver} if args.solver else dict(raw["solver"])
+            if args.steps:
+                sol["steps"] = args.steps
+            raw["solver"] = sol
+        spec = validate(raw)
+    except (FileNotFoundError, SpecError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    device = pick_device(args.device)
+    graph = compile_spec(spec, device)
+    ck = load_checkpoint(ck_dir, map_location=device)
+    graph.train_module.load_state_dict(ck.model)
+    if ck.ema is not None and graph.ema is not None:
+        graph.ema.module.load_state_dict(ck.ema)
+    s = spec.sample
+    n = args.n or s.n
+    wanted = [int(v) for v in args.labels.split(",")] if args.labels else s.labels
+    labels = default_labels(n, graph.num_classes, wanted)
+    cfg = s.cfg_scale if args.cfg is None else args.cfg
+    images = generate(graph, n, labels, cfg_scale=cfg, guidance_low=s.guidance_low, guidance_high=s.guidance_high,
+                      seed=s.seed if args.seed is None else args.seed, use_ema=not args.raw)
+    out = args.out or ck_dir / f"samples_{spec.solver.type}_{graph.solver.nfe}nfe_cfg{cfg:g}.png"
+    save_png(grid_image(images, nrow=graph.num_classes or None, scale=2), out)
+    print(f"{n} samples from {ck_dir} (step {ck.step}, {spec.solver.type}, {graph.solver.nfe} NFE, cfg {cfg:g}"
+          f"{', EMA' if not args.raw else ''}) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

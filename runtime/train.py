@@ -1,0 +1,224 @@
+"""The training loop: read top to bottom.
+
+One optimizer step = ``grad_accum`` micro-batches (forward + backward, DDP gradient sync on the last one),
+then clip, a finiteness check, AdamW, EMA. A step whose loss or gradient is not finite is skipped without
+touching weights, optimizer state or EMA, and counted; too many in a row stop the run with the last good
+checkpoint intact. All per-step randomness comes from ``StepRNG(seed, step, micro)``, so a resumed run and
+a run on N processes see the same noise for the same sample and step.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from registry.kinds import DATASETS, METRICS
+from registry.spec import resolved_dict
+from runtime.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from runtime.compiler import Graph
+from runtime.data import build_loader
+from runtime.distributed import DistInfo, all_reduce_mean, all_true, barrier
+from runtime.optim import LearningRate, build_optimizer
+from runtime.sample import default_labels, generate, grid_image, save_png
+from runtime.tracking import Tracker
+from zoo.core.types import StepContext, StepRNG
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite steps); the message says why."""
+
+
+class Stepper:
+    """Runs optimizer steps on a graph; shared by the loop and ``runtime.bench``."""
+
+    def __init__(self, graph: Graph, info: DistInfo):
+        self.graph, self.info, tr = graph, info, graph.spec.train
+        tm = graph.train_module
+        if tr.compile:
+            tm.backbone.compile()  # in place: state-dict keys stay the same
+        self.model = DDP(tm, device_ids=[info.device.index] if info.device.type == "cuda" else None) if info.enabled else tm
+        self.params = [p for p in tm.parameters() if p.requires_grad]
+        self.opt = build_optimizer(self.params, tr, info.device)
+        self.lr = LearningRate(tr)
+        self.accum, self.seed = tr.grad_accum, tr.seed
+        self.micro = tr.batch_size // tr.grad_accum          # all ranks together
+        self.local = self.micro // info.world_size            # this rank
+        self.clip = tr.grad_clip if tr.grad_clip is not None else math.inf
+
+    def step(self, step: int, batches: list) -> tuple[bool, dict[str, torch.Tensor]]:
+        """One optimizer step over ``batches`` (``grad_accum`` pairs ``(x, y)``). Returns (applied, metrics)."""
+        g, info = self.graph, self.info
+        lr = self.lr.apply(self.opt, step)
+        sums: dict[str, torch.Tensor] = {}
+        for m, (x, y) in enumerate(batches):
+            tokens = g.to_tokens(x, y)
+            rng = StepRNG(self.seed, step, m, info.rank * self.local, self.local, self.micro, g.device)
+            ctx = StepContext(step, rng, ema=g.ema.module if g.ema is not None else None)
+            # no gradient all-reduce until the last micro-batch
+            sync = self.model.no_sync() if (info.enabled and m < self.accum - 1) else contextlib.nullcontext()
+            with sync:
+                with g.autocast():
+                    out = self.model(tokens, ctx)
+                (out.loss / self.accum).backward()
+            for k, v in {"loss": out.loss, **out.metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / self.accum
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        # one host sync per step: every rank must agree before anything is touched
+        ok = all_true(bool(torch.isfinite(norm) and torch.isfinite(sums["loss"])), info)
+        if ok:
+            self.opt.step()
+            if g.ema is not None:
+                g.ema.update(g.backbone)
+        self.opt.zero_grad(set_to_none=True)
+        return ok, {**sums, "grad_norm": norm.detach().float(), "lr": torch.tensor(lr)}
+
+
+def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = None) -> dict[str, Any]:
+    spec, tr = graph.spec, graph.spec.train
+    stepper = Stepper(graph, info)
+    dataset = DATASETS.build(spec.data, split="train")
+    loader = build_loader(dataset, global_batch=tr.batch_size, grad_accum=tr.grad_accum, rank=info.rank,
+                          world_size=info.world_size, seed=tr.seed, num_workers=spec.data.num_workers)
+    start, skipped = 0, 0
+    if resume is not None:
+        ck = load_checkpoint(resume, map_location=graph.device)
+        graph.train_module.load_state_dict(ck.model)
+        if graph.ema is not None:
+            graph.ema.load_state_dict(ck.ema, ck.state["ema_updates"])
+        stepper.opt.load_state_dict(ck.optimizer)
+        states = ck.state["loader"]
+        loader.load_state_dict(states[info.rank] if len(states) == info.world_size else states[0])
+        set_rng_state(ck.state["rng"])
+        start, skipped = ck.step, ck.state["skipped_steps"]
+    tracker = Tracker(run_dir, tensorboard=spec.log.tensorboard, enabled=info.is_main,
+                      resume_step=start if resume is not None else None)
+    evaluator = Evaluator(graph, run_dir, tracker) if info.is_main else None
+
+    def checkpoint(step: int) -> None:
+        loader_state = loader.state_dict()
+        states = [None] * info.world_size if info.enabled else [loader_state]
+        if info.enabled:
+            dist.all_gather_object(states, loader_state)
+        if info.is_main:
+            save_checkpoint(
+                run_dir / "checkpoints", step, model=graph.train_module.state_dict(),
+                ema=graph.ema.state_dict() if graph.ema is not None else None, optimizer=stepper.opt.state_dict(),
+                state={"step": step, "skipped_steps": skipped, "loader": states, "rng": rng_state(),
+                       "ema_updates": graph.ema.updates if graph.ema is not None else 0},
+                spec=resolved_dict(spec), meta=run_meta(graph, info), keep=tr.keep_checkpoints)
+        barrier(info)
+
+    data = iter(loader)
+    window: dict[str, torch.Tensor] = {}
+    n_window, consecutive, t_window, last_logged = 0, 0, time.perf_counter(), start
+    bar = tqdm(total=tr.steps, initial=start, disable=not (info.is_main and spec.log.progress), dynamic_ncols=True,
+               desc=spec.name, unit="step")
+    for step in range(start, tr.steps):
+        ok, metrics = stepper.step(step, [next(data) for _ in range(tr.grad_accum)])
+        if ok:
+            consecutive = 0
+            n_window += 1
+            for k, v in metrics.items():
+                window[k] = window.get(k, 0.0) + v
+        else:
+            skipped, consecutive = skipped + 1, consecutive + 1
+            if info.is_main:
+                bar.write(f"step {step + 1}: non-finite loss or gradient; step skipped ({consecutive} in a row)")
+            if consecutive >= tr.max_consecutive_skips:
+                tracker.scalars(step + 1, {"skipped_steps": skipped})
+                tracker.close()
+                raise TrainingStopped(
+                    f"stopped at step {step + 1}: {consecutive} consecutive steps had a non-finite loss or gradient "
+                    f"(train.max_consecutive_skips = {tr.max_consecutive_skips}); the last good checkpoint is in "
+                    f"{run_dir / 'checkpoints'}")
+        done = step + 1
+        bar.update(1)
+        if done % spec.log.every == 0 or done == tr.steps:
+            dt = time.perf_counter() - t_window
+            vals = {k: float(all_reduce_mean(v / max(n_window, 1), info)) for k, v in window.items()}
+            vals.update(skipped_steps=skipped, steps_per_s=(done - last_logged) / dt,
+                        samples_per_s=(done - last_logged) * tr.batch_size / dt)
+            tracker.scalars(done, vals)
+            bar.set_postfix(loss=f"{vals.get('loss', float('nan')):.4f}", refresh=False)
+            window, n_window, t_window, last_logged = {}, 0, time.perf_counter(), done
+        if evaluator is not None and spec.sample.every and done % spec.sample.every == 0:
+            evaluator.preview(done)
+        if spec.eval.every and done % spec.eval.every == 0 and spec.eval.metrics:
+            if evaluator is not None:
+                evaluator.evaluate(done)
+            barrier(info)
+        if done % tr.checkpoint_every == 0 or done == tr.steps:
+            checkpoint(done)
+    bar.close()
+    result: dict[str, Any] = {"steps": tr.steps, "skipped_steps": skipped}
+    if evaluator is not None:
+        result["samples"] = str(evaluator.preview(tr.steps))
+        if spec.eval.at_end and spec.eval.metrics:
+            result["metrics"] = evaluator.evaluate(tr.steps, with_real=True)
+    barrier(info)
+    tracker.close()
+    return result
+
+
+class Evaluator:
+    """Preview grids and metrics, on rank 0, with their own seeded RNGs (the training RNG is never touched)."""
+
+    def __init__(self, graph: Graph, run_dir: Path, tracker: Tracker):
+        self.graph, self.run_dir, self.tracker = graph, run_dir, tracker
+        spec = graph.spec
+        self.metrics = [METRICS.build(m, data_params=spec.data, device=graph.device) for m in spec.eval.metrics]
+
+    def _generate(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s = self.graph.spec.sample
+        labels = default_labels(n, self.graph.num_classes, s.labels)
+        images = generate(self.graph, n, labels, cfg_scale=s.cfg_scale, guidance_low=s.guidance_low,
+                          guidance_high=s.guidance_high, seed=seed, use_ema=s.use_ema)
+        return images, labels
+
+    def preview(self, step: int) -> Path:
+        s = self.graph.spec.sample
+        images, _ = self._generate(s.n, s.seed)
+        sheet = grid_image(images, nrow=min(self.graph.num_classes, s.n) or None, scale=2)
+        path = save_png(sheet, self.run_dir / "samples" / f"step_{step:08d}.png")
+        self.tracker.image("samples/grid", step, sheet)
+        return path
+
+    def evaluate(self, step: int, with_real: bool = False) -> dict[str, float]:
+        n = self.graph.spec.eval.num_samples
+        images, labels = self._generate(n, self.graph.spec.sample.seed + 10_000)
+        vals: dict[str, float] = {}
+        for m in self.metrics:
+            vals.update({f"eval/{k}": v for k, v in m(images, labels).items()})
+        if with_real:  # the same metrics on real held-out data: the ceiling to compare against
+            real = DATASETS.build(self.graph.spec.data, split="eval")
+            xs, ys = zip(*(real[i] for i in range(min(n, len(real)))))
+            x, y = torch.stack(xs), torch.tensor(ys)
+            for m in self.metrics:
+                vals.update({f"real/{k}": v for k, v in m(x, y).items()})
+        self.tracker.scalars(step, vals)
+        (self.run_dir / "eval").mkdir(exist_ok=True)
+        (self.run_dir / "eval" / f"step_{step:08d}.json").write_text(json.dumps(vals, indent=2) + "\n")
+        return vals
+
+
+def run_meta(graph: Graph, info: DistInfo) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("fmzoo", "torch", "pydantic", "torchdata", "safetensors"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    from registry.plugins import _loaded
+
+    return {"versions": versions, "plugins": dict(_loaded), "device": str(graph.device), "world_size": info.world_size,
+            "attention": graph.attention, "autocast": str(graph.autocast_dtype)}

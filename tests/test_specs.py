@@ -1,0 +1,153 @@
+"""Spec files, the generated JSON Schema, path-precise errors and ``--set``."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import zoo  # noqa: F401
+from registry.errors import SpecError
+from registry.schema import build_schema, render, validate_with_jsonschema
+from registry.spec import load_spec, parse_set, resolved_dict, set_path, validate
+from tests.helpers import SPECS, load_raw, tiny_spec_dict
+
+SPEC_FILES = sorted(p.name for p in SPECS.glob("*.json") if p.name != "schema.json")
+ROOT = SPECS.parent
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    return build_schema()
+
+
+@pytest.mark.parametrize("name", SPEC_FILES)
+def test_shipped_specs_validate_with_pydantic_and_jsonschema(name, schema):
+    raw = load_raw(name)
+    assert raw.get("$schema") == "./schema.json"
+    assert validate_with_jsonschema(raw, schema) == []
+    spec = validate(raw)
+    assert spec.name == Path(name).stem
+
+
+@pytest.mark.parametrize("name", SPEC_FILES)
+def test_resolving_is_idempotent(name):
+    once = resolved_dict(validate(load_raw(name)))
+    assert resolved_dict(validate(once)) == once
+    assert validate_with_jsonschema(once) == []
+
+
+def test_checked_in_schema_is_current(schema):
+    assert (SPECS / "schema.json").read_text() == render(schema), "run `python -m registry.schema`"
+    r = subprocess.run([sys.executable, "-m", "registry.schema", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_schema_check_fails_when_stale(tmp_path):
+    stale = tmp_path / "schema.json"
+    stale.write_text("{}\n")
+    r = subprocess.run([sys.executable, "-m", "registry.schema", "--check", "--out", str(stale)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "stale" in r.stderr
+
+
+def test_preset_then_explicit_override():
+    spec = validate(tiny_spec_dict(backbone={"type": "sit", "preset": "B/2", "depth": 3}))
+    assert (spec.backbone.hidden, spec.backbone.heads, spec.backbone.depth, spec.backbone.patch) == (768, 12, 3, 2)
+
+
+BAD = [  # (section edits, expected JSON path, text the message must contain)
+    ({"backbone": {"type": "sit", "preset": "tiny", "depht": 3}}, "backbone.depht", "did you mean 'depth'"),
+    ({"backbone": {"type": "sitt"}}, "backbone.type", "did you mean 'sit'"),
+    ({"backbone": {"type": "sit", "preset": "XL/3"}}, "backbone.preset", "did you mean 'XL/2'"),
+    ({"backbone": {"type": "sit", "preset": "tiny", "depth": 0}}, "backbone.depth", "greater than"),
+    ({"objective": {"type": "flow_matching", "timesteps": {"type": "lognormal"}}}, "objective.timesteps.type",
+     "did you mean 'logit_normal'"),
+    ({"objective": {"type": "flow_matching", "timesteps": {"type": "shifted", "shift": 3.0, "base": {"type": "unifrm"}}}},
+     "objective.timesteps.base.type", "did you mean 'uniform'"),
+    ({"train": {"steps": 10, "batch_size": 10, "grad_accum": 3}}, "train.grad_accum", "not divisible"),
+    ({"train": {"steps": -1, "batch_size": 8}}, "train.steps", "greater than 0"),
+    ({"train": {"steps": 5, "batch_size": 8, "lr_rate": 1e-3}}, "train.lr_rate", "did you mean 'lr'"),
+    ({"data": {"type": "digits", "size": 18}, "backbone": {"type": "sit", "preset": "tiny", "patch": 4}},
+     "backbone.patch", "18"),
+    ({"eval": {"metrics": [{"type": "class_acuracy"}]}}, "eval.metrics[0].type", "did you mean 'class_accuracy'"),
+    ({"sample": {"labels": [3, 12]}}, "sample.labels", "12"),
+    ({"version": 2}, "version", "1"),
+    ({"solver": {"steps": 3}}, "solver", "missing 'type'"),
+]
+
+
+@pytest.mark.parametrize("edits,path,text", BAD, ids=[b[1] for b in BAD])
+def test_bad_specs_fail_at_the_expected_json_path(edits, path, text):
+    with pytest.raises(SpecError) as e:
+        validate(tiny_spec_dict(**edits))
+    hits = [msg for p, msg in e.value.problems if p == path]
+    assert hits, f"no problem at {path}: {e.value.problems}"
+    assert any(text in m for m in hits), hits
+
+
+def test_missing_section_and_all_problems_reported_at_once():
+    raw = tiny_spec_dict()
+    del raw["backbone"]
+    raw["train"]["lr"] = -1
+    with pytest.raises(SpecError) as e:
+        validate(raw)
+    paths = {p for p, _ in e.value.problems}
+    assert {"backbone", "train.lr"} <= paths
+
+
+def test_jsonschema_rejects_what_pydantic_rejects(schema):
+    assert validate_with_jsonschema(tiny_spec_dict(backbone={"type": "sit", "depht": 3}), schema)
+    assert validate_with_jsonschema(tiny_spec_dict(backbone={"type": "sitt"}), schema)
+    assert validate_with_jsonschema(tiny_spec_dict(), schema) == []
+
+
+def test_set_parses_json_else_string_and_creates_objects():
+    raw = tiny_spec_dict()
+    for item in ["train.steps=12", "backbone.depth=2", "name=renamed", "objective.timesteps={\"type\": \"uniform\"}",
+                 "train.ema.decay=0.5"]:
+        set_path(raw, *parse_set(item))
+    spec = validate(raw)
+    assert (spec.train.steps, spec.backbone.depth, spec.name, spec.train.ema.decay) == (12, 2, "renamed", 0.5)
+    assert spec.objective.timesteps.type == "uniform"
+    with pytest.raises(SpecError, match="not an object"):
+        set_path(raw, "name.x", 1)
+    with pytest.raises(SpecError, match="KEY=VALUE"):
+        parse_set("train.steps")
+
+
+def test_load_spec_errors(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 1,\n "name": }')
+    with pytest.raises(SpecError, match=r"bad.json:2:\d+: invalid JSON"):
+        load_spec(bad)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtime.run", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_cli_bad_spec_exits_2_with_paths_and_no_traceback(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(tiny_spec_dict(backbone={"type": "sit", "preset": "tiny", "depht": 3},
+                                           train={"steps": 10, "batch_size": 10, "grad_accum": 3})))
+    r = _run_cli(str(p))
+    assert r.returncode == 2
+    assert "error: backbone.depht: unknown field; did you mean 'depth'?" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _run_cli(str(p), "--set", "backbone.depht=null", "--set", "train.grad_accum=2", "--dry-run")
+    assert r.returncode == 2 and "backbone.depht" in r.stderr and "train.grad_accum" not in r.stderr
+    r = _run_cli(str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_dry_run_prints_resolved_spec_params_and_flops():
+    r = _run_cli("specs/fm_imagenet256_xl2.json", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert '"preset": "XL/2"' in r.stdout and "backbone parameters" in r.stdout and "TFLOP" in r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("backbone parameters"))
+    assert 670e6 < int(line.split()[-1].replace(",", "")) < 680e6

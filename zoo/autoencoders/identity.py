@@ -1,0 +1,40 @@
+"""Autoencoder ``identity``: pixel space (or pre-extracted latents) as the latent; ``encode`` and
+``decode`` return their input unchanged, ``(B, *shape)`` -> ``(B, *shape)``."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from registry.kinds import AUTOENCODERS
+from zoo.core.params import ZooParams
+
+
+class IdentityAutoencoderParams(ZooParams):
+    """No autoencoder: the data sample is the latent."""
+
+    type: Literal["identity"] = Field(..., description="Pass-through: latent = input (pixel space, tests).")
+
+    def latent_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The latent shape of one sample: the input shape itself."""
+        return tuple(input_shape)
+
+
+@AUTOENCODERS.register
+class IdentityAutoencoder(nn.Module):
+    """Frozen pass-through; no weights."""
+
+    Params = IdentityAutoencoderParams
+
+    def __init__(self, params: IdentityAutoencoderParams):
+        super().__init__()
+        self.params = params
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``(B, *input_shape)`` -> the same tensor."""
+        return x
+
+    def decode(self, z: Tensor) -> Tensor:
+        """``(B, *latent_shape)`` -> the same tensor."""
+        return z
