@@ -157,8 +157,10 @@ def test_skips_are_counted_and_too_many_stop_the_run(tmp_path, monkeypatch):
     out = tmp_path / "run"
     _nan_objective(monkeypatch, {3})  # 0-based step 3 = the 4th step
     assert run_cli.main([str(spec), "--out", str(out)]) == 0
-    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
-    assert rows[-1]["skipped_steps"] == 1 and [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    rows = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl")}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert "loss" not in rows[4] and rows[4]["skipped_steps"] == 1  # a window with only the skipped step
+    assert [rows[s]["skipped_steps"] for s in (3, 5, 6)] == [0, 1, 1] and "loss" in rows[5]
 
     out2 = tmp_path / "run2"
     _nan_objective(monkeypatch, {3, 4, 5})

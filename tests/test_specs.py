@@ -61,7 +61,7 @@ def test_preset_then_explicit_override():
 BAD = [  # (section edits, expected JSON path, text the message must contain)
     ({"backbone": {"type": "sit", "preset": "tiny", "depht": 3}}, "backbone.depht", "did you mean 'depth'"),
     ({"backbone": {"type": "sitt"}}, "backbone.type", "did you mean 'sit'"),
-    ({"backbone": {"type": "sit", "preset": "XL/3"}}, "backbone.preset", "did you mean 'XL/2'"),
+    ({"backbone": {"type": "sit", "preset": "XL2"}}, "backbone.preset", "did you mean 'XL/2'"),
     ({"backbone": {"type": "sit", "preset": "tiny", "depth": 0}}, "backbone.depth", "greater than"),
     ({"objective": {"type": "flow_matching", "timesteps": {"type": "lognormal"}}}, "objective.timesteps.type",
      "did you mean 'logit_normal'"),
@@ -69,7 +69,7 @@ BAD = [  # (section edits, expected JSON path, text the message must contain)
      "objective.timesteps.base.type", "did you mean 'uniform'"),
     ({"train": {"steps": 10, "batch_size": 10, "grad_accum": 3}}, "train.grad_accum", "not divisible"),
     ({"train": {"steps": -1, "batch_size": 8}}, "train.steps", "greater than 0"),
-    ({"train": {"steps": 5, "batch_size": 8, "lr_rate": 1e-3}}, "train.lr_rate", "did you mean 'lr'"),
+    ({"train": {"steps": 5, "batch_size": 8, "batchsize": 8}}, "train.batchsize", "did you mean 'batch_size'"),
     ({"data": {"type": "digits", "size": 18}, "backbone": {"type": "sit", "preset": "tiny", "patch": 4}},
      "backbone.patch", "18"),
     ({"eval": {"metrics": [{"type": "class_acuracy"}]}}, "eval.metrics[0].type", "did you mean 'class_accuracy'"),

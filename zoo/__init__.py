@@ -20,14 +20,8 @@ _BUILTINS = [
     "zoo.lr_schedules",
 ]
 
-import os as _os  # TEMPORARY during parallel development: FMZOO_PARTIAL=1 skips missing modules
-
 for _m in _BUILTINS:
-    try:
-        importlib.import_module(_m)
-    except ModuleNotFoundError as _e:
-        if not (_os.environ.get("FMZOO_PARTIAL") and _e.name == _m):
-            raise
+    importlib.import_module(_m)
 
 from registry.spec import rebuild as _rebuild  # noqa: E402
 
