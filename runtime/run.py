@@ -34,6 +34,14 @@ def fail(lines: list[str]) -> int:
     return EXIT_SPEC
 
 
+def flop_str(flops: float) -> str:
+    """``2.37e11`` -> ``"237.2 GFLOP"`` (units from MFLOP to EFLOP)."""
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:,.1f} {unit}"
+    return f"{flops / 1e6:,.2f} MFLOP"
+
+
 def dry_run(spec) -> int:
     import torch
 
@@ -50,12 +58,12 @@ def dry_run(spec) -> int:
     print(f"trainable parameters    {count_params(g.train_module, trainable_only=True):,}")
     print(f"EMA parameters          {count_params(g.ema.module) if g.ema else 0:,}")
     print(f"frozen autoencoder      {spec.autoencoder.type} (not loaded by --dry-run)")
-    print(f"forward FLOPs / sample  {g.backbone.flops(g.num_tokens) / 1e9:,.3f} GFLOP")
-    print(f"train FLOPs / step      {per_sample * tr.batch_size / 1e12:,.4f} TFLOP "
+    print(f"forward FLOPs / sample  {flop_str(g.backbone.flops(g.num_tokens))}")
+    print(f"train FLOPs / step      {flop_str(per_sample * tr.batch_size)} "
           f"(global batch {tr.batch_size}; 3x forward + objective extras)")
-    print(f"train FLOPs / run       {per_sample * tr.batch_size * tr.steps / 1e18:,.4f} EFLOP ({tr.steps:,} steps)")
+    print(f"train FLOPs / run       {flop_str(per_sample * tr.batch_size * tr.steps)} ({tr.steps:,} steps)")
     print(f"sampler                 {spec.solver.type}, {g.solver.nfe} NFE/sample, "
-          f"{g.solver.nfe * g.backbone.flops(g.num_tokens) / 1e12:,.3f} TFLOP/sample")
+          f"{flop_str(g.solver.nfe * g.backbone.flops(g.num_tokens))}/sample")
     return 0
 
 

@@ -148,6 +148,7 @@ def test_cli_bad_spec_exits_2_with_paths_and_no_traceback(tmp_path):
 def test_cli_dry_run_prints_resolved_spec_params_and_flops():
     r = _run_cli("specs/fm_imagenet256_xl2.json", "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert '"preset": "XL/2"' in r.stdout and "backbone parameters" in r.stdout and "TFLOP" in r.stdout
+    assert '"preset": "XL/2"' in r.stdout and "backbone parameters" in r.stdout
+    assert "forward FLOPs / sample  237.2 GFLOP" in r.stdout and "59.3 TFLOP/sample" in r.stdout
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("backbone parameters"))
     assert 670e6 < int(line.split()[-1].replace(",", "")) < 680e6
