@@ -102,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail([f"{run_dir} already holds checkpoints; pass --resume auto to continue it or --out for a new run"])
 
     info = distributed.init(spec.train.device)
+    per_micro = spec.train.batch_size // spec.train.grad_accum
+    if per_micro % info.world_size:
+        distributed.shutdown(info)
+        return fail([f"train.batch_size: the global batch {spec.train.batch_size} / grad_accum "
+                     f"{spec.train.grad_accum} = {per_micro} does not split over {info.world_size} processes"])
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.resolved.json").write_text(json.dumps(resolved_dict(spec), indent=2) + "\n")

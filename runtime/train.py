@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
     window: dict[str, torch.Tensor] = {}
     n_window, consecutive, t_window, last_logged = 0, 0, time.perf_counter(), start
     bar = tqdm(total=tr.steps, initial=start, disable=not (info.is_main and spec.log.progress), dynamic_ncols=True,
-               desc=spec.name, unit="step")
+               desc=spec.name, unit="step", mininterval=0.1 if sys.stderr.isatty() else 30.0)
     for step in range(start, tr.steps):
         ok, metrics = stepper.step(step, [next(data) for _ in range(tr.grad_accum)])
         if ok:
