@@ -1,0 +1,181 @@
+"""Contract tests generated from the registries: every registered entry of every kind is built at its
+``tiny`` preset (plus the few fields an entry needs to exist at all, listed in ``REQUIRED``) and checked
+against its kind's contract. A new entry is tested here without writing a test; an entry that needs
+fields this file does not know fails loudly until they are added to ``REQUIRED``."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from PIL import Image
+
+import zoo  # noqa: F401
+from registry.kinds import (ATTENTION, AUTOENCODERS, BACKBONES, DATASETS, LR_SCHEDULES, METRICS, MODALITIES,
+                            OBJECTIVES, SOLVERS, TIMESTEPS)
+from zoo.core import protocols
+from zoo.core.types import StepContext, StepRNG, TokenBatch
+
+
+def _image_folder(tmp: Path) -> dict:
+    for c in range(3):
+        (tmp / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (20, 24), (40 * c, 30 * i, 200)).save(tmp / f"class{c}" / f"{i}.png")
+    return {"root": str(tmp), "num_classes": 3}
+
+
+def _diffusers_vae(tmp: Path) -> dict:
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                                  norm_num_groups=32)
+    vae.save_pretrained(tmp / "vae")
+    return {"path": str(tmp / "vae"), "downsample": 2}
+
+
+REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag -> fields an entry cannot exist without
+    "image_folder": _image_folder,
+    "diffusers": _diffusers_vae,
+    "shifted": lambda tmp: {"shift": 3.0},
+}
+
+
+def params_for(reg, tag: str, tmp: Path) -> Any:
+    raw: dict = {"type": tag}
+    if "tiny" in reg.get(tag).Params.presets:
+        raw["preset"] = "tiny"
+    raw.update(REQUIRED[tag](tmp) if tag in REQUIRED else {})
+    return reg.get(tag).Params.model_validate(raw)
+
+
+def entries(reg) -> list:
+    return [pytest.param(tag, id=f"{reg.kind}:{tag}") for tag in reg.names()]
+
+
+def tiny_backbone(num_classes: int = 3) -> torch.nn.Module:
+    return BACKBONES.build(BACKBONES.get("sit").Params(type="sit", preset="tiny"), token_dim=8, grid=(4, 4),
+                           num_classes=num_classes)
+
+
+@pytest.mark.parametrize("tag", entries(BACKBONES))
+def test_backbone_contract(tag, tmp_path):
+    torch.manual_seed(0)
+    net = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=(4, 4), num_classes=3)
+    assert isinstance(net, protocols.Backbone) and net.null_label == 3
+    x, t, y = torch.randn(2, 16, 8), torch.rand(2), torch.tensor([0, 3])
+    out = net(x, t, y, taps=(1, net.depth))
+    assert out.pred.shape == x.shape and torch.isfinite(out.pred).all()
+    assert set(out.features) == {1, net.depth} and out.features[1].shape == (2, 16, net.hidden)
+    assert net(x, t, y, taps=(1,), stop_after=1).pred is None
+    out = net(x, t.view(2, 1).expand(2, 16), y)
+    out.pred.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    twin = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=(4, 4), num_classes=3)
+    twin.load_state_dict(net.state_dict())
+    assert torch.equal(twin(x, t, y).pred, net(x, t, y).pred)
+    assert net.flops(16) > 0
+
+
+@pytest.mark.parametrize("tag", entries(OBJECTIVES))
+def test_objective_contract(tag, tmp_path):
+    torch.manual_seed(0)
+    obj = OBJECTIVES.build(params_for(OBJECTIVES, tag, tmp_path))
+    student, ema = tiny_backbone(), tiny_backbone()
+    batch = TokenBatch(torch.randn(4, 16, 8), torch.tensor([0, 1, 2, 0]))
+    ctx = StepContext(0, StepRNG(0, 0, 0, 0, 4, 4), ema=ema.eval().requires_grad_(False))
+    out = obj(student, batch, ctx)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert all(v.ndim == 0 and not v.requires_grad for v in out.metrics.values())
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in ema.parameters())
+    again = obj(student, batch, StepContext(0, StepRNG(0, 0, 0, 0, 4, 4), ema=ema))
+    assert torch.equal(again.loss, out.loss)  # all randomness comes from the step RNG
+
+
+@pytest.mark.parametrize("tag", entries(TIMESTEPS))
+def test_timesteps_contract(tag, tmp_path):
+    dist = TIMESTEPS.build(params_for(TIMESTEPS, tag, tmp_path))
+    u = torch.linspace(0, 1, 101)
+    t = dist.icdf(u)
+    assert t.shape == u.shape and (t >= 0).all() and (t <= 1).all() and (t.diff() >= 0).all()
+    s = dist.sample(StepRNG(0, 0, 0, 0, 5, 5), 3)
+    assert s.shape == (5, 3) and (s >= 0).all() and (s <= 1).all()
+
+
+@pytest.mark.parametrize("tag", entries(SOLVERS))
+def test_solver_contract(tag, tmp_path):
+    solver = SOLVERS.build(params_for(SOLVERS, tag, tmp_path))
+    calls = []
+    x0 = torch.randn(3, 5, 2)
+
+    def velocity(x, t):  # straight-line flow to the fixed data x0
+        calls.append(t)
+        assert t.shape == (3,) and (t >= 0).all() and (t <= 1).all()
+        return (x - x0) / t.clamp_min(1e-3).view(-1, 1, 1)
+
+    out = solver.solve(velocity, torch.randn(3, 5, 2), generator=torch.Generator().manual_seed(0))
+    assert out.shape == x0.shape and torch.isfinite(out).all()
+    assert len(calls) == solver.nfe
+
+
+@pytest.mark.parametrize("tag", entries(ATTENTION))
+def test_attention_contract(tag, tmp_path):
+    if tag == "xformers" and not torch.cuda.is_available():
+        pytest.skip("xformers runs on CUDA only")
+    attn = ATTENTION.build(params_for(ATTENTION, tag, tmp_path))
+    q, k, v = (torch.randn(2, 6, 3, 8) for _ in range(3))
+    ref = ATTENTION.build(ATTENTION.get("math").Params(type="math"))
+    assert torch.allclose(attn(q, k, v), ref(q, k, v), atol=1e-5)
+    mask = torch.rand(2, 6, 6) > 0.3
+    mask |= torch.eye(6, dtype=torch.bool)
+    assert torch.allclose(attn(q, k, v, mask), ref(q, k, v, mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("tag", entries(AUTOENCODERS))
+def test_autoencoder_contract(tag, tmp_path):
+    params = params_for(AUTOENCODERS, tag, tmp_path)
+    ae = AUTOENCODERS.build(params).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = ae.encode(x)
+    assert tuple(z.shape[1:]) == tuple(params.latent_shape((3, 16, 16)))
+    assert ae.decode(z).shape == x.shape
+
+
+@pytest.mark.parametrize("tag", entries(MODALITIES))
+def test_modality_contract(tag, tmp_path):
+    mod = MODALITIES.build(params_for(MODALITIES, tag, tmp_path), patch=2, latent_shape=(3, 8, 12))
+    z = torch.randn(2, 3, 8, 12)
+    tok = mod.to_tokens(z)
+    assert tok.shape == (2, math.prod(mod.grid), mod.token_dim)
+    assert torch.equal(mod.from_tokens(tok), z)
+
+
+@pytest.mark.parametrize("tag", entries(DATASETS))
+def test_dataset_contract(tag, tmp_path):
+    params = params_for(DATASETS, tag, tmp_path)
+    ds = DATASETS.build(params, split="train")
+    x, y = ds[0]
+    assert tuple(x.shape) == tuple(params.sample_shape()) and x.dtype == torch.float32
+    assert -1 <= x.min() and x.max() <= 1 and 0 <= y < params.num_classes
+    assert torch.equal(ds[0][0], x) and len(ds) > 0
+
+
+@pytest.mark.parametrize("tag", entries(METRICS))
+def test_metric_contract(tag, tmp_path):
+    data = DATASETS.get("digits").Params(type="digits", preset="tiny")
+    metric = METRICS.build(params_for(METRICS, tag, tmp_path), data_params=data, device=torch.device("cpu"))
+    ds = DATASETS.build(data, split="eval")
+    xs, ys = zip(*(ds[i] for i in range(40)))
+    out = metric(torch.stack(xs), torch.tensor(ys))
+    assert out and all(isinstance(v, float) and math.isfinite(v) for v in out.values())
+
+
+@pytest.mark.parametrize("tag", entries(LR_SCHEDULES))
+def test_lr_schedule_contract(tag, tmp_path):
+    sched = LR_SCHEDULES.build(params_for(LR_SCHEDULES, tag, tmp_path))
+    f = [sched.factor(s, 100, 10) for s in range(100)]
+    assert all(0 < v <= 1 for v in f) and f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
