@@ -31,6 +31,9 @@ import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+# torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecated: a warning on every iterator, harmless.
+warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*", category=UserWarning)
+
 __all__ = ["GlobalBatchSampler", "build_loader", "collate_pairs", "restore_loader", "sampler_state"]
 
 

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", default=None, help="comma-separated class labels to cycle")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--raw", action="store_true", help="use the trained (non-EMA) weights")
-    ap.add_argument("--out", type=Path, default=None, help="output PNG (default: <checkpoint>/samples_<...>.png)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output PNG (default: <run>/samples/<checkpoint>_<solver>_<nfe>nfe_cfg<w>.png)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
 
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = s.cfg_scale if args.cfg is None else args.cfg
     images = generate(graph, n, labels, cfg_scale=cfg, guidance_low=s.guidance_low, guidance_high=s.guidance_high,
                       seed=s.seed if args.seed is None else args.seed, use_ema=not args.raw)
-    out = args.out or ck_dir / f"samples_{spec.solver.type}_{graph.solver.nfe}nfe_cfg{cfg:g}.png"
+    # inside a run directory, next to the training samples (checkpoint directories get pruned)
+    where = ck_dir.parent.parent / "samples" if ck_dir.parent.name == "checkpoints" else ck_dir
+    out = args.out or where / f"{ck_dir.name}_{spec.solver.type}_{graph.solver.nfe}nfe_cfg{cfg:g}.png"
     save_png(grid_image(images, nrow=graph.num_classes or None, scale=2), out)
     print(f"{n} samples from {ck_dir} (step {ck.step}, {spec.solver.type}, {graph.solver.nfe} NFE, cfg {cfg:g}"
           f"{', EMA' if not args.raw else ''}) -> {out}")
