@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per spec first")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="applied to every spec")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="random latent tokens of the spec's shape instead of its data; the frozen autoencoder is not "
+                         "loaded (the step then times what a run on cached latents does)")
     args = ap.parse_args(argv)
 
     import zoo  # noqa: F401
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.data import build_loader
     from runtime.distributed import DistInfo, pick_device
     from runtime.train import Stepper
+    from zoo.core.types import TokenBatch
 
     try:
         load_plugins()
@@ -46,13 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for path, spec in zip(args.specs, specs):
         device = pick_device(spec.train.device)
-        graph = compile_spec(spec, device)
+        graph = compile_spec(spec, device, load_frozen=not args.synthetic)
         stepper = Stepper(graph, DistInfo(device=device))
         tr = spec.train
-        loader = build_loader(DATASETS.build(spec.data, split="train"), global_batch=tr.batch_size,
-                              grad_accum=tr.grad_accum, rank=0, world_size=1, seed=tr.seed, num_workers=0)
-        it = iter(loader)
-        batches = [next(it) for _ in range(tr.grad_accum)]
+        if args.synthetic:
+            gen, micro = torch.Generator().manual_seed(tr.seed), tr.batch_size // tr.grad_accum
+            batches = [TokenBatch(torch.randn(micro, graph.num_tokens, graph.modality.token_dim, generator=gen).to(device),
+                                  torch.randint(0, max(graph.num_classes, 1), (micro,), generator=gen).to(device)
+                                  if graph.num_classes else None) for _ in range(tr.grad_accum)]
+        else:
+            loader = build_loader(DATASETS.build(spec.data, split="train"), global_batch=tr.batch_size,
+                                  grad_accum=tr.grad_accum, rank=0, world_size=1, seed=tr.seed, num_workers=0)
+            it = iter(loader)
+            batches = [next(it) for _ in range(tr.grad_accum)]
         runs.append({"path": path, "spec": spec, "graph": graph, "stepper": stepper, "batches": batches,
                      "times": [], "peak": 0})
 
@@ -76,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dev0 = runs[0]["graph"].device
     name = torch.cuda.get_device_name(dev0) if dev0.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up, interleaved")
+    data = "synthetic latent tokens" if args.synthetic else "the specs' data"
+    print(f"device: {name}; torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up, "
+          f"interleaved; {data}")
     head = f"{'spec':<34}{'step ms':>10}{'samples/s':>11}{'tokens/s':>12}{'TFLOP/s':>9}{'peak MiB':>10}{'ratio':>7}"
     print(head)
     base = None

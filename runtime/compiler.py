@@ -85,14 +85,15 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
     return None
 
 
-def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True) -> Graph:
+def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load_frozen: bool = True) -> Graph:
     """Build every component of ``spec`` on ``device``. On ``torch.device("meta")`` (``--dry-run``) only the
-    shapes are built and frozen pretrained modules are not loaded."""
+    shapes are built; there, and with ``load_frozen=False`` (benchmarks on synthetic latents), the frozen
+    autoencoder is not loaded and the graph takes token batches only."""
     input_shape = tuple(spec.data.sample_shape())
     latent_shape = tuple(spec.autoencoder.latent_shape(input_shape))
     num_classes = int(spec.data.num_classes)
     autoencoder = None
-    if device.type != "meta":
+    if device.type != "meta" and load_frozen:
         autoencoder = AUTOENCODERS.build(spec.autoencoder).to(device).eval().requires_grad_(False)
     modality = MODALITIES.build(spec.modality, patch=spec.backbone.patch, latent_shape=latent_shape)
 

@@ -30,7 +30,7 @@ from runtime.distributed import DistInfo, all_reduce_mean, all_true, barrier
 from runtime.optim import LearningRate, build_optimizer
 from runtime.sample import default_labels, generate, grid_image, save_png
 from runtime.tracking import Tracker
-from zoo.core.types import StepContext, StepRNG
+from zoo.core.types import StepContext, StepRNG, TokenBatch
 
 
 class TrainingStopped(RuntimeError):
@@ -55,12 +55,13 @@ class Stepper:
         self.clip = tr.grad_clip if tr.grad_clip is not None else math.inf
 
     def step(self, step: int, batches: list) -> tuple[bool, dict[str, torch.Tensor]]:
-        """One optimizer step over ``batches`` (``grad_accum`` pairs ``(x, y)``). Returns (applied, metrics)."""
+        """One optimizer step over ``batches``: ``grad_accum`` data pairs ``(x, y)``, or ready
+        ``TokenBatch``es (benchmarks on synthetic latents). Returns (applied, metrics)."""
         g, info = self.graph, self.info
         lr = self.lr.apply(self.opt, step)
         sums: dict[str, torch.Tensor] = {}
-        for m, (x, y) in enumerate(batches):
-            tokens = g.to_tokens(x, y)
+        for m, batch in enumerate(batches):
+            tokens = batch if isinstance(batch, TokenBatch) else g.to_tokens(*batch)
             rng = StepRNG(self.seed, step, m, info.rank * self.local, self.local, self.micro, g.device)
             ctx = StepContext(step, rng, ema=g.ema.module if g.ema is not None else None)
             # no gradient all-reduce until the last micro-batch

@@ -32,7 +32,9 @@ def velocity_target(x0: Tensor, x1: Tensor) -> Tensor:
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
     """Time shift ``s(a, t) = a t / (1 + (a - 1) t)``; ``a > 1`` moves mass toward noise (t = 1)."""
-    return shift * t / (shift * t + 1 - t)  # = a t / (1 + (a - 1) t), exact at t = 0 and t = 1
+    # = a t / (1 + (a - 1) t), written as t plus a correction whose sign is that of (a - 1): exact at
+    # t = 0 and t = 1, and never on the wrong side of t in floating point
+    return t + t * (1 - t) * (shift - 1) / (1 + (shift - 1) * t)
 
 
 def sit_time(t: Tensor) -> Tensor:
