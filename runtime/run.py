@@ -101,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     elif ckpt_root.is_dir() and any(ckpt_root.glob("step_*")):
         return fail([f"{run_dir} already holds checkpoints; pass --resume auto to continue it or --out for a new run"])
 
+    if resume is not None:
+        from runtime.checkpoint import load_checkpoint
+
+        done = load_checkpoint(resume).step
+        if done >= spec.train.steps:
+            print(f"{run_dir}: already complete at step {done} (train.steps = {spec.train.steps}); "
+                  f"raise it with --set train.steps=N to continue")
+            return 0
     info = distributed.init(spec.train.device)
     per_micro = spec.train.batch_size // spec.train.grad_accum
     if per_micro % info.world_size:

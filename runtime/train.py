@@ -100,8 +100,8 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
         loader.load_state_dict(states[info.rank] if len(states) == info.world_size else states[0])
         set_rng_state(ck.state["rng"])
         start, skipped = ck.step, ck.state["skipped_steps"]
-    tracker = Tracker(run_dir, tensorboard=spec.log.tensorboard, enabled=info.is_main,
-                      resume_step=start if resume is not None else None)
+    # resume_step = the checkpoint's step (0 for a fresh start): drops lines a crashed run wrote after it
+    tracker = Tracker(run_dir, tensorboard=spec.log.tensorboard, enabled=info.is_main, resume_step=start)
     evaluator = Evaluator(graph, run_dir, tracker) if info.is_main else None
 
     def checkpoint(step: int) -> None:

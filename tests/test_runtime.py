@@ -192,3 +192,21 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-5), (s, a[s], b[s])
+
+
+def test_resuming_a_finished_run_changes_nothing(finished_run, tmp_path, capsys):
+    before = (finished_run / "metrics.jsonl").read_bytes()
+    spec = write_spec(tmp_path, eval={"at_end": True, "num_samples": 20, "metrics": [{"type": "class_accuracy"}]})
+    assert run_cli.main([str(spec), "--out", str(finished_run), "--resume", "auto"]) == 0
+    assert "already complete at step 6" in capsys.readouterr().out
+    assert (finished_run / "metrics.jsonl").read_bytes() == before
+
+
+def test_fresh_start_drops_lines_of_a_run_that_died_before_its_first_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n{"step": 3, "lo')
+    spec = write_spec(tmp_path)
+    assert run_cli.main([str(spec), "--out", str(out), "--resume", "auto"]) == 0  # no checkpoint: fresh start
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[0]["loss"] != 9.0

@@ -47,11 +47,16 @@ class ConstantLR(_Schedule):
         return 1.0
 
 
-class CosineLRParams(ZooParams):
+class _DecayToParams(ZooParams):
+    """Common field of the schedules that decay from 1 to ``final_fraction``."""
+
+    final_fraction: float = Field(0.0, ge=0, le=1, description="Factor reached at the end of the run (default 0).")
+
+
+class CosineLRParams(_DecayToParams):
     """Half-cosine from 1 to ``final_fraction``."""
 
     type: Literal["cosine"] = Field(..., description="Cosine decay after warm-up.")
-    final_fraction: float = Field(0.0, ge=0, le=1, description="Factor reached at the end of the run (default 0).")
 
 
 @LR_SCHEDULES.register
@@ -63,11 +68,10 @@ class CosineLR(_Schedule):
         return f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-class LinearLRParams(ZooParams):
+class LinearLRParams(_DecayToParams):
     """Straight line from 1 to ``final_fraction``."""
 
     type: Literal["linear"] = Field(..., description="Linear decay after warm-up.")
-    final_fraction: float = Field(0.0, ge=0, le=1, description="Factor reached at the end of the run (default 0).")
 
 
 @LR_SCHEDULES.register
