@@ -14,8 +14,11 @@ SOLVERS: Registry = Registry("solver", "SolverSpec")
 ATTENTION: Registry = Registry("attention", "AttentionSpec")
 METRICS: Registry = Registry("metric", "MetricSpec")
 LR_SCHEDULES: Registry = Registry("lr_schedule", "LRScheduleSpec")
+MASKS: Registry = Registry("mask", "MaskSpec")
+TEACHERS: Registry = Registry("teacher", "TeacherSpec")
 
 ALL: dict[str, Registry] = {
     r.kind: r
-    for r in (BACKBONES, OBJECTIVES, TIMESTEPS, AUTOENCODERS, MODALITIES, DATASETS, SOLVERS, ATTENTION, METRICS, LR_SCHEDULES)
+    for r in (BACKBONES, OBJECTIVES, TIMESTEPS, AUTOENCODERS, MODALITIES, DATASETS, SOLVERS, ATTENTION, METRICS,
+              LR_SCHEDULES, MASKS, TEACHERS)
 }

@@ -119,6 +119,9 @@ def rebuild() -> type[SpecBase]:
         "autoencoder": (ns["AutoencoderSpec"], Field(
             default_factory=lambda: AUTOENCODERS.get("identity").Params(type="identity"), description="Frozen autoencoder.")),
         "backbone": (ns["BackboneSpec"], Field(..., description="The trained network.")),
+        "teachers": (dict[str, ns["TeacherSpec"]], Field(  # type: ignore[valid-type]
+            default_factory=dict, description="Frozen external encoders by local name (REPA's targets); objectives "
+                                              "refer to them by that name.")),
         "objective": (ns["ObjectiveSpec"], Field(..., description="Training objective.")),
         "solver": (ns["SolverSpec"], Field(
             default_factory=lambda: SOLVERS.get("euler").Params(type="euler"), description="Sampler.")),
@@ -217,8 +220,10 @@ def cross_problems(spec: Any) -> list[tuple[str, str]]:
         bad = [y for y in spec.sample.labels if not 0 <= y < max(ncls, 1)]
         if bad:
             out.append(("sample.labels", f"labels {bad} are outside 0..{ncls - 1}"))
-    for section in ("modality", "data", "autoencoder", "backbone", "objective", "solver"):
+    for section in RESOLVED_SECTIONS:
         out += list(_component_problems(getattr(spec, section), spec))
+    for name, teacher in spec.teachers.items():
+        out += [(p or f"teachers.{name}", msg) for p, msg in _component_problems(teacher, spec)]
     for i, m in enumerate(spec.eval.metrics):
         out += [(p or f"eval.metrics[{i}]", msg) for p, msg in _component_problems(m, spec)]
     return out
@@ -269,12 +274,30 @@ def read_json(path: str | Path) -> dict:
     return raw
 
 
+RESOLVED_SECTIONS = ("modality", "data", "autoencoder", "backbone", "objective", "solver")
+
+
+def resolve_defaults(spec: Any) -> Any:
+    """Fill defaults that depend on other sections (e.g. Self-Flow's tap blocks from the backbone depth): a
+    component's params may define ``resolve(spec) -> params``; the resolved spec then holds explicit values."""
+    updates = {}
+    for section in RESOLVED_SECTIONS:
+        fn = getattr(getattr(spec, section), "resolve", None)
+        if fn is not None:
+            updates[section] = fn(spec)
+    return spec.model_copy(update=updates) if updates else spec
+
+
 def validate(raw: dict) -> Any:
     """Raw JSON object -> validated ``Spec``; raises :class:`SpecError` listing every problem."""
     try:
         spec = spec_model().model_validate(raw)
     except pydantic.ValidationError as e:
         raise SpecError(problems_from_validation(e, raw)) from None
+    try:
+        spec = resolve_defaults(spec)
+    except ValueError as e:  # a resolve hook that cannot derive a value says why
+        raise SpecError([("", str(e))]) from None
     probs = cross_problems(spec)
     if probs:
         raise SpecError(probs)

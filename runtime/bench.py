@@ -3,7 +3,8 @@
 Times training steps of one or more specs in one process, interleaved (spec 1 step, spec 2 step, ...) so
 that drifting clocks and thermal state hit every spec alike. The batches are drawn from each spec's data
 once and reused, so the loader is not timed. Prints median step time, samples/s, tokens/s, achieved
-TFLOP/s (analytic FLOPs, see ``--dry-run``), peak memory and each spec's ratio to the first.
+TFLOP/s (analytic FLOPs, see ``--dry-run``), peak memory, and each spec's step-time ratio to the first next to
+the ratio its analytic FLOPs predict (a teacher pass to block k costs about k/depth of a forward).
 """
 from __future__ import annotations
 
@@ -89,20 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     data = "synthetic latent tokens" if args.synthetic else "the specs' data"
     print(f"device: {name}; torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up, "
           f"interleaved; {data}")
-    head = f"{'spec':<34}{'step ms':>10}{'samples/s':>11}{'tokens/s':>12}{'TFLOP/s':>9}{'peak MiB':>10}{'ratio':>7}"
+    head = (f"{'spec':<34}{'step ms':>10}{'samples/s':>11}{'tokens/s':>12}{'TFLOP/s':>9}{'peak MiB':>10}{'ratio':>7}"
+            f"{'FLOP ratio':>11}")
     print(head)
-    base = None
+    base = base_flops = None
     for r in runs:
         g, tr = r["graph"], r["spec"].train
         t = statistics.median(r["times"])
         base = base or t
         flops = g.train_flops_per_sample() * tr.batch_size
+        base_flops = base_flops or flops
         if g.device.type == "cuda":
             peak = r["peak"] / 2**20
         else:  # process-wide high-water mark (Linux reports KiB): covers every spec loaded so far
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"{r['path'][-34:]:<34}{t * 1e3:>10.1f}{tr.batch_size / t:>11.1f}{tr.batch_size * g.num_tokens / t:>12.0f}"
-              f"{flops / t / 1e12:>9.3f}{peak:>10.0f}{t / base:>7.2f}")
+              f"{flops / t / 1e12:>9.3f}{peak:>10.0f}{t / base:>7.2f}{flops / base_flops:>11.2f}")
     if dev0.type != "cuda":
         print("(CPU peak memory is the process's resident high-water mark, shared by all specs)")
     return 0

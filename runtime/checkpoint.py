@@ -426,3 +426,15 @@ def set_rng_state(d: dict[str, Any]) -> None:
             warnings.warn(f"checkpoint has {len(cuda)} CUDA RNG states, this process sees {n} devices", stacklevel=2)
         for i, s in enumerate(cuda[:n]):
             torch.cuda.set_rng_state(torch.as_tensor(s).to("cpu", torch.uint8), i)
+
+
+def find_checkpoint(path: Path) -> Path:
+    """``path`` itself if it is a checkpoint directory, else the newest good checkpoint of the run directory
+    ``path``; FileNotFoundError (with a message for the user) when there is none."""
+    path = Path(path)
+    if (path / "spec.resolved.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    ck = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+    if ck is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
+    return ck

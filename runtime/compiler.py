@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from registry.kinds import AUTOENCODERS, BACKBONES, MODALITIES, OBJECTIVES, SOLVERS
+from registry.kinds import AUTOENCODERS, BACKBONES, MODALITIES, OBJECTIVES, SOLVERS, TEACHERS
 from runtime.optim import EMA
 from zoo.core.types import LossOut, StepContext, TokenBatch
 from zoo.layers.attention import default_attention
@@ -39,6 +39,7 @@ class Graph:
     latent_shape: tuple[int, ...]
     num_classes: int
     autoencoder: nn.Module | None        # frozen; None on the meta device (dry run: weights not loaded)
+    teachers: dict[str, nn.Module]       # frozen external encoders by spec name (empty on the meta device)
     modality: Any
     train_module: TrainModule            # trainable: .backbone, .objective
     ema: EMA | None
@@ -64,7 +65,7 @@ class Graph:
         x = x.to(self.device, non_blocking=True)
         z = self.autoencoder.encode(x).float()
         y = y.to(self.device, non_blocking=True) if (y is not None and self.num_classes > 0) else None
-        return TokenBatch(self.modality.to_tokens(z), y)
+        return TokenBatch(self.modality.to_tokens(z), y, raw=x if self.teachers else None)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -92,9 +93,11 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
     input_shape = tuple(spec.data.sample_shape())
     latent_shape = tuple(spec.autoencoder.latent_shape(input_shape))
     num_classes = int(spec.data.num_classes)
-    autoencoder = None
+    autoencoder, teachers = None, {}
     if device.type != "meta" and load_frozen:
         autoencoder = AUTOENCODERS.build(spec.autoencoder).to(device).eval().requires_grad_(False)
+        teachers = {name: TEACHERS.build(p, input_shape=input_shape).to(device).eval().requires_grad_(False)
+                    for name, p in spec.teachers.items()}
     modality = MODALITIES.build(spec.modality, patch=spec.backbone.patch, latent_shape=latent_shape)
 
     bb_params = spec.backbone
@@ -105,16 +108,42 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
     with torch.device(device):
         backbone = BACKBONES.build(bb_params, token_dim=modality.token_dim, grid=tuple(modality.grid),
                                    num_classes=num_classes)
-        objective = OBJECTIVES.build(spec.objective)
+        objective = OBJECTIVES.build(spec.objective, hidden=backbone.hidden, depth=backbone.depth,
+                                     grid=tuple(modality.grid), teachers=teachers,
+                                     teacher_params=dict(spec.teachers))
     train_module = TrainModule(backbone, objective).to(device)
     ema = EMA(backbone, spec.train.ema.decay, spec.train.ema.warmup_steps) if with_ema else None
     return Graph(
         spec=spec, device=device, autocast_dtype=resolve_autocast(spec.train.precision, device),
         input_shape=input_shape, latent_shape=latent_shape, num_classes=num_classes,
-        autoencoder=autoencoder, modality=modality, train_module=train_module, ema=ema,
+        autoencoder=autoencoder, teachers=teachers, modality=modality, train_module=train_module, ema=ema,
         solver=SOLVERS.build(spec.solver), attention=bb_params.attention.type,
     )
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def graph_from_checkpoint(path: Any, device: torch.device, edit: Any = None) -> tuple[Graph, Any]:
+    """A checkpoint directory or a run directory (its newest checkpoint) -> (graph with the saved weights,
+    checkpoint). ``edit(raw_spec)`` may change the saved spec before validation (e.g. another solver).
+    Raises FileNotFoundError or SpecError with a message for the user."""
+    import json
+    from pathlib import Path
+
+    from registry.plugins import load_plugins
+    from registry.spec import validate
+    from runtime.checkpoint import find_checkpoint, load_checkpoint
+
+    ck_dir = find_checkpoint(Path(path))
+    load_plugins()
+    raw = json.loads((ck_dir / "spec.resolved.json").read_text())
+    if edit is not None:
+        edit(raw)
+    graph = compile_spec(validate(raw), device)
+    ck = load_checkpoint(ck_dir, map_location=device)
+    graph.train_module.load_state_dict(ck.model)
+    if ck.ema is not None and graph.ema is not None:
+        graph.ema.module.load_state_dict(ck.ema)
+    return graph, ck

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec, args.sets)
     except SpecError as e:
         return fail(e.lines())
+    for section in ("objective", "train", "backbone", "data"):  # advice that does not stop the run
+        for msg in getattr(getattr(spec, section), "warnings", lambda _s: ())(spec):
+            sys.stderr.write(f"warning: {section}: {msg}\n")
     if args.dry_run:
         return dry_run(spec)
 

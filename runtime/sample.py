@@ -4,7 +4,6 @@ which needs nothing but the checkpoint (its ``spec.resolved.json`` and weights).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -83,17 +82,6 @@ def save_png(arr: np.ndarray, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _find_checkpoint(path: Path) -> Path:
-    from runtime.checkpoint import latest_checkpoint
-
-    if (path / "spec.resolved.json").is_file() and any(path.glob("*.safetensors")):
-        return path
-    ck = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
-    if ck is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
-    return ck
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.sample", description=__doc__)
     ap.add_argument("path", type=Path, help="a checkpoint directory (checkpoints/step_*) or a run directory")
@@ -111,31 +99,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import zoo  # noqa: F401
     from registry.errors import SpecError
-    from registry.plugins import load_plugins
-    from registry.spec import validate
-    from runtime.checkpoint import load_checkpoint
-    from runtime.compiler import compile_spec
+    from runtime.compiler import graph_from_checkpoint
     from runtime.distributed import pick_device
 
-    try:
-        ck_dir = _find_checkpoint(args.path)
-        load_plugins()
-        raw = json.loads((ck_dir / "spec.resolved.json").read_text())
+    def edit(raw: dict) -> None:
         if args.solver or args.steps:
             sol = {"type": args.solver} if args.solver else dict(raw["solver"])
             if args.steps:
                 sol["steps"] = args.steps
             raw["solver"] = sol
-        spec = validate(raw)
+
+    try:
+        graph, ck = graph_from_checkpoint(args.path, pick_device(args.device), edit)
     except (FileNotFoundError, SpecError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
-    device = pick_device(args.device)
-    graph = compile_spec(spec, device)
-    ck = load_checkpoint(ck_dir, map_location=device)
-    graph.train_module.load_state_dict(ck.model)
-    if ck.ema is not None and graph.ema is not None:
-        graph.ema.module.load_state_dict(ck.ema)
+    spec, ck_dir = graph.spec, ck.path
     s = spec.sample
     n = args.n or s.n
     wanted = [int(v) for v in args.labels.split(",")] if args.labels else s.labels

@@ -173,10 +173,12 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
 class Evaluator:
     """Preview grids and metrics, on rank 0, with their own seeded RNGs (the training RNG is never touched)."""
 
-    def __init__(self, graph: Graph, run_dir: Path, tracker: Tracker):
+    def __init__(self, graph: Graph, run_dir: Path, tracker: Tracker | None):
         self.graph, self.run_dir, self.tracker = graph, run_dir, tracker
         spec = graph.spec
         self.metrics = [METRICS.build(m, data_params=spec.data, device=graph.device) for m in spec.eval.metrics]
+        self.on_samples = [m for m in self.metrics if not getattr(m, "uses_model", False)]
+        self.on_model = [m for m in self.metrics if getattr(m, "uses_model", False)]
 
     def _generate(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.graph.spec.sample
@@ -190,23 +192,30 @@ class Evaluator:
         images, _ = self._generate(s.n, s.seed)
         sheet = grid_image(images, nrow=min(self.graph.num_classes, s.n) or None, scale=2)
         path = save_png(sheet, self.run_dir / "samples" / f"step_{step:08d}.png")
-        self.tracker.image("samples/grid", step, sheet)
+        if self.tracker is not None:
+            self.tracker.image("samples/grid", step, sheet)
         return path
 
     def evaluate(self, step: int, with_real: bool = False) -> dict[str, float]:
+        """Sample metrics on ``eval.num_samples`` generated samples (and, ``with_real``, on as many real
+        held-out samples: the ceiling), model metrics (linear probes) on the EMA model."""
         n = self.graph.spec.eval.num_samples
-        images, labels = self._generate(n, self.graph.spec.sample.seed + 10_000)
         vals: dict[str, float] = {}
-        for m in self.metrics:
-            vals.update({f"eval/{k}": v for k, v in m(images, labels).items()})
-        if with_real:  # the same metrics on real held-out data: the ceiling to compare against
+        if self.on_samples:
+            images, labels = self._generate(n, self.graph.spec.sample.seed + 10_000)
+            for m in self.on_samples:
+                vals.update({f"eval/{k}": v for k, v in m(images, labels).items()})
+        for m in self.on_model:
+            vals.update({f"eval/{k}": v for k, v in m.evaluate_model(self.graph).items()})
+        if with_real and self.on_samples:
             real = DATASETS.build(self.graph.spec.data, split="eval")
             xs, ys = zip(*(real[i] for i in range(min(n, len(real)))))
             x, y = torch.stack(xs), torch.tensor(ys)
-            for m in self.metrics:
+            for m in self.on_samples:
                 vals.update({f"real/{k}": v for k, v in m(x, y).items()})
-        self.tracker.scalars(step, vals)
-        (self.run_dir / "eval").mkdir(exist_ok=True)
+        if self.tracker is not None:
+            self.tracker.scalars(step, vals)
+        (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "eval" / f"step_{step:08d}.json").write_text(json.dumps(vals, indent=2) + "\n")
         return vals
 

@@ -111,7 +111,7 @@ def test_oracle_student_has_zero_loss_and_draw_order():
     (xt_seen, t_seen, y_seen), = student.calls
     assert torch.equal(t_seen, t) and t_seen.shape == (8,) and y_seen is None
     assert torch.allclose(xt_seen, interpolate(x0, x1, t))
-    assert set(out.metrics) == {"fm_loss"} and not out.metrics["fm_loss"].requires_grad
+    assert set(out.metrics) == {"loss_flow"} and not out.metrics["loss_flow"].requires_grad
 
 
 def test_zero_student_loss_is_mean_squared_target():

@@ -40,6 +40,7 @@ REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag -> fields an entry cannot
     "image_folder": _image_folder,
     "diffusers": _diffusers_vae,
     "shifted": lambda tmp: {"shift": 3.0},
+    "linear_probe": lambda tmp: {"block": 2, "num_train": 100, "num_test": 50},
 }
 
 
@@ -168,9 +169,16 @@ def test_dataset_contract(tag, tmp_path):
 def test_metric_contract(tag, tmp_path):
     data = DATASETS.get("digits").Params(type="digits", preset="tiny")
     metric = METRICS.build(params_for(METRICS, tag, tmp_path), data_params=data, device=torch.device("cpu"))
-    ds = DATASETS.build(data, split="eval")
-    xs, ys = zip(*(ds[i] for i in range(40)))
-    out = metric(torch.stack(xs), torch.tensor(ys))
+    if getattr(metric, "uses_model", False):  # reads the (EMA) model of a compiled graph
+        from registry.spec import validate
+        from runtime.compiler import compile_spec
+        from tests.helpers import tiny_spec_dict
+
+        out = metric.evaluate_model(compile_spec(validate(tiny_spec_dict()), torch.device("cpu")))
+    else:
+        ds = DATASETS.build(data, split="eval")
+        xs, ys = zip(*(ds[i] for i in range(40)))
+        out = metric(torch.stack(xs), torch.tensor(ys))
     assert out and all(isinstance(v, float) and math.isfinite(v) for v in out.values())
 
 

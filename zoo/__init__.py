@@ -17,6 +17,7 @@ _BUILTINS = [
     "zoo.solvers.ode",
     "zoo.solvers.sde",
     "zoo.metrics.classifier",
+    "zoo.metrics.linear_probe",
     "zoo.lr_schedules",
 ]
 

@@ -78,9 +78,32 @@ class Timesteps(Protocol):
 class Objective(Protocol):
     """An ``nn.Module`` (its own parameters, e.g. projector heads, are trained and saved with the
     backbone). ``forward(student, batch, ctx) -> LossOut``; it owns timestep sampling, noising,
-    targets, label dropout, feature taps and auxiliary losses."""
+    targets, label dropout, feature taps and auxiliary losses.
+
+    deps (keywords; an objective takes the ones it needs and ignores the rest through ``**deps``):
+    ``hidden``, ``depth`` (backbone width and block count), ``grid`` (token grid), ``teachers`` (frozen
+    modules by spec name; empty on the meta device) and ``teacher_params`` (their params, always given).
+    Optional ``extra_forward_flops(backbone, num_tokens) -> float``: FLOPs per sample it adds (a teacher
+    pass), counted by ``--dry-run`` and ``runtime.bench``."""
 
     def forward(self, student: torch.nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut: ...
+
+
+@runtime_checkable
+class TokenMask(Protocol):
+    """Which tokens get the second timestep (Self-Flow's Dual-Timestep Scheduling).
+    ``sample(rng, num_tokens) -> (B, N) bool`` (True = the token is in the second-timestep group)."""
+
+    def sample(self, rng: StepRNG, num_tokens: int) -> Tensor: ...
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """A frozen external encoder (REPA's target), an ``nn.Module`` in eval mode with its own preprocessing.
+    deps: ``input_shape`` (one data sample). ``features(raw (B, *input_shape) in [-1, 1]) -> (B, M, F)`` patch
+    features on a ``grid``; params declare ``feature_dim`` so shapes are known before weights load."""
+
+    def features(self, raw: Tensor) -> Tensor: ...
 
 
 @runtime_checkable

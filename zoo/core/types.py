@@ -9,10 +9,13 @@ from torch import Tensor
 
 @dataclass
 class TokenBatch:
-    """A micro-batch in token space: ``x0`` ``(B, N, P)`` clean tokens, ``y`` ``(B,)`` int64 labels or None."""
+    """A micro-batch in token space: ``x0`` ``(B, N, P)`` clean tokens, ``y`` ``(B,)`` int64 labels or None,
+    ``raw`` the same samples in data space ``(B, *input_shape)`` (e.g. images in [-1, 1]) for objectives whose
+    frozen teachers read the data itself (REPA's encoders); None when the run has only tokens."""
 
     x0: Tensor
     y: Tensor | None = None
+    raw: Tensor | None = None
 
 
 @dataclass

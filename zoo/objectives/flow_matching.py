@@ -86,7 +86,7 @@ class FlowMatchingParams(ZooParams):
 
 @OBJECTIVES.register
 class FlowMatching(nn.Module):
-    """No parameters. ``forward(student, batch, ctx) -> LossOut`` with metric ``fm_loss``."""
+    """No parameters. ``forward(student, batch, ctx) -> LossOut`` with metric ``loss_flow``."""
 
     Params = FlowMatchingParams
 
@@ -105,4 +105,4 @@ class FlowMatching(nn.Module):
         xt, target = noised(x0, x1, t)
         pred = student(xt, t, y).pred
         loss = flow_loss(pred, target)
-        return LossOut(loss=loss, metrics={"fm_loss": loss.detach()})
+        return LossOut(loss=loss, metrics={"loss_flow": loss.detach()})
