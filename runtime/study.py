@@ -58,12 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         sets = [*args.sets, f"eval.every={args.eval_every}", f"eval.metrics={json.dumps(metrics)}",
                 "sample.every=null", "log.progress=false"]
         out = args.out / spec.name
+        timing = out / "study_wall_time_s"  # kept so a re-run that finds the run complete still reports it
         t0 = time.perf_counter()
         resume = ["--resume", "auto"] if (out / "checkpoints").is_dir() else []
         rc = run_cli.main([path, "--out", str(out), *resume, *[a for s in sets for a in ("--set", s)]])
         if rc != 0:
             return rc
-        durations[spec.name] = time.perf_counter() - t0
+        if not timing.is_file():
+            timing.write_text(f"{time.perf_counter() - t0:.1f}\n")
+        durations[spec.name] = float(timing.read_text())
         results[spec.name] = read_jsonl(out / "metrics.jsonl")
 
     names = sorted({k for rows in results.values() for r in rows for k in r if k.startswith("eval/")})

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import zoo  # noqa: F401
-from registry.kinds import (ATTENTION, AUTOENCODERS, BACKBONES, DATASETS, LR_SCHEDULES, METRICS, MODALITIES,
-                            OBJECTIVES, SOLVERS, TIMESTEPS)
+from registry.kinds import (ATTENTION, AUTOENCODERS, BACKBONES, DATASETS, LR_SCHEDULES, MASKS, METRICS,
+                            MODALITIES, OBJECTIVES, SOLVERS, TIMESTEPS)
 from zoo.core import protocols
 from zoo.core.types import StepContext, StepRNG, TokenBatch
 
@@ -83,15 +83,16 @@ def test_backbone_contract(tag, tmp_path):
 @pytest.mark.parametrize("tag", entries(OBJECTIVES))
 def test_objective_contract(tag, tmp_path):
     torch.manual_seed(0)
-    obj = OBJECTIVES.build(params_for(OBJECTIVES, tag, tmp_path))
     student, ema = tiny_backbone(), tiny_backbone()
+    obj = OBJECTIVES.build(params_for(OBJECTIVES, tag, tmp_path), hidden=student.hidden, depth=student.depth,
+                           grid=(4, 4), teachers={}, teacher_params={})
     batch = TokenBatch(torch.randn(4, 16, 8), torch.tensor([0, 1, 2, 0]))
     ctx = StepContext(0, StepRNG(0, 0, 0, 0, 4, 4), ema=ema.eval().requires_grad_(False))
     out = obj(student, batch, ctx)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert all(v.ndim == 0 and not v.requires_grad for v in out.metrics.values())
     out.loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in [*student.parameters(), *obj.parameters()])
     assert all(p.grad is None for p in ema.parameters())
     again = obj(student, batch, StepContext(0, StepRNG(0, 0, 0, 0, 4, 4), ema=ema))
     assert torch.equal(again.loss, out.loss)  # all randomness comes from the step RNG
@@ -105,6 +106,16 @@ def test_timesteps_contract(tag, tmp_path):
     assert t.shape == u.shape and (t >= 0).all() and (t <= 1).all() and (t.diff() >= 0).all()
     s = dist.sample(StepRNG(0, 0, 0, 0, 5, 5), 3)
     assert s.shape == (5, 3) and (s >= 0).all() and (s <= 1).all()
+
+
+@pytest.mark.parametrize("tag", entries(MASKS))
+def test_mask_contract(tag, tmp_path):
+    mask = MASKS.build(params_for(MASKS, tag, tmp_path), grid=(4, 4))
+    m = mask.sample(StepRNG(3, 1, 0, 0, 6, 6), 16)
+    assert m.shape == (6, 16) and m.dtype == torch.bool
+    assert torch.equal(m, mask.sample(StepRNG(3, 1, 0, 0, 6, 6), 16))  # a function of the step RNG
+    halves = [mask.sample(StepRNG(3, 1, 0, r * 3, 3, 6), 16) for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), m)  # the same rows however the batch is split over ranks
 
 
 @pytest.mark.parametrize("tag", entries(SOLVERS))

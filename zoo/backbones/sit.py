@@ -96,10 +96,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_fn = attn_fn  # a plain callable without weights (not a submodule)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """``attn_mask``: optional bool ``(B, N, N)``, True where query ``i`` may attend to key ``j``."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).unbind(2)  # (B, N, H, Dh) each
-        return self.proj(self.attn_fn(q, k, v).reshape(b, n, d))
+        out = self.attn_fn(q, k, v) if attn_mask is None else self.attn_fn(q, k, v, attn_mask)
+        return self.proj(out.reshape(b, n, d))
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, backend={self.attn_fn!r}"
@@ -120,7 +122,8 @@ class Mlp(nn.Module):
 
 class SiTBlock(nn.Module):
     """adaLN-Zero block. ``x`` ``(B, N, D)``; ``c`` ``(K, D)`` conditioning per (sample, t) pair;
-    ``index`` ``(B, N)`` pair of each token, or None when ``K = B`` (one t per sample)."""
+    ``index`` ``(B, N)`` pair of each token, or None when ``K = B`` (one t per sample); ``attn_mask``
+    optional bool ``(B, N, N)`` (True = may attend), passed to the attention."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, attn_fn: Any):
         super().__init__()
@@ -130,10 +133,10 @@ class SiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor, index: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, index: Tensor | None, attn_mask: Tensor | None = None) -> Tensor:
         mod = _expand(self.adaLN_modulation(c), index)                      # (B, 1 or N, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), attn_mask)
         return x + gate_mlp * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -228,7 +231,7 @@ class SiT(nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, taps: tuple[int, ...] = (),
-                stop_after: int | None = None) -> BackboneOut:
+                stop_after: int | None = None, attn_mask: Tensor | None = None) -> BackboneOut:
         """Velocity prediction and tapped features.
 
         Args:
@@ -237,6 +240,9 @@ class SiT(nn.Module):
             y: ``(B,)`` int64 labels in ``0 .. num_classes`` (``num_classes`` = null), or None = all null.
             taps: 1-based block indices whose outputs ``(B, N, D)`` go into ``features``.
             stop_after: run blocks ``1 .. stop_after`` only and return ``pred=None``.
+            attn_mask: optional bool ``(B, N, N)``, True where token ``i`` may attend to token ``j``, used
+                by every block's attention (e.g. Self-Flow's attention separation); None = full attention.
+                Every row needs at least one True (a row with none gives NaN in every backend).
         """
         taps = tuple(int(k) for k in taps)
         bad = [k for k in taps if not 1 <= k <= self.depth]
@@ -255,13 +261,17 @@ class SiT(nn.Module):
             y = torch.full((bsz,), self.null_label, dtype=torch.long, device=x.device)
         elif tuple(y.shape) != (bsz,):
             raise ValueError(f"y must be (B,) = ({bsz},); got {tuple(y.shape)}")
+        if attn_mask is not None and (attn_mask.dtype != torch.bool
+                                      or tuple(attn_mask.shape) != (bsz, self.num_tokens, self.num_tokens)):
+            raise ValueError(f"attn_mask must be bool (B, N, N) = ({bsz}, {self.num_tokens}, {self.num_tokens}); "
+                             f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
 
         c, index = self._conditioning(t, y, self.num_tokens)
         h = self.x_embedder(x) + self.pos_embed                               # (B, N, D)
         last = self.depth if stop_after is None else stop_after
         features: dict[int, Tensor] = {}
         for k, block in enumerate(self.blocks[:last], start=1):
-            h = block(h, c, index)
+            h = block(h, c, index, attn_mask)
             if k in taps:
                 features[k] = h
         if stop_after is not None:

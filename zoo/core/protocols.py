@@ -31,7 +31,10 @@ class Backbone(Protocol):
     null_label: int
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, taps: tuple[int, ...] = (),
-                stop_after: int | None = None) -> BackboneOut: ...
+                stop_after: int | None = None, attn_mask: Tensor | None = None) -> BackboneOut:
+        """``attn_mask``: optional bool ``(B, N, N)``, True where a token may attend (Self-Flow's
+        attention separation)."""
+        ...
 
     def flops(self, num_tokens: int) -> float:
         """Forward FLOPs (2 per multiply-accumulate) for one sample of ``num_tokens`` tokens."""
