@@ -280,11 +280,13 @@ RESOLVED_SECTIONS = ("modality", "data", "autoencoder", "backbone", "objective",
 def resolve_defaults(spec: Any) -> Any:
     """Fill defaults that depend on other sections (e.g. Self-Flow's tap blocks from the backbone depth): a
     component's params may define ``resolve(spec) -> params``; the resolved spec then holds explicit values."""
-    updates = {}
+    updates: dict[str, Any] = {}
     for section in RESOLVED_SECTIONS:
         fn = getattr(getattr(spec, section), "resolve", None)
         if fn is not None:
             updates[section] = fn(spec)
+    if any(hasattr(t, "resolve") for t in spec.teachers.values()):
+        updates["teachers"] = {k: t.resolve(spec) if hasattr(t, "resolve") else t for k, t in spec.teachers.items()}
     return spec.model_copy(update=updates) if updates else spec
 
 

@@ -93,12 +93,12 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
     input_shape = tuple(spec.data.sample_shape())
     latent_shape = tuple(spec.autoencoder.latent_shape(input_shape))
     num_classes = int(spec.data.num_classes)
+    modality = MODALITIES.build(spec.modality, patch=spec.backbone.patch, latent_shape=latent_shape)
     autoencoder, teachers = None, {}
     if device.type != "meta" and load_frozen:
         autoencoder = AUTOENCODERS.build(spec.autoencoder).to(device).eval().requires_grad_(False)
-        teachers = {name: TEACHERS.build(p, input_shape=input_shape).to(device).eval().requires_grad_(False)
-                    for name, p in spec.teachers.items()}
-    modality = MODALITIES.build(spec.modality, patch=spec.backbone.patch, latent_shape=latent_shape)
+        teachers = {name: TEACHERS.build(p, input_shape=input_shape, token_grid=tuple(modality.grid))
+                    .to(device).eval().requires_grad_(False) for name, p in spec.teachers.items()}
 
     bb_params = spec.backbone
     attn_dev = torch.device("cpu") if device.type == "meta" else device

@@ -14,7 +14,7 @@ from PIL import Image
 
 import zoo  # noqa: F401
 from registry.kinds import (ATTENTION, AUTOENCODERS, BACKBONES, DATASETS, LR_SCHEDULES, MASKS, METRICS,
-                            MODALITIES, OBJECTIVES, SOLVERS, TIMESTEPS)
+                            MODALITIES, OBJECTIVES, SOLVERS, TEACHERS, TIMESTEPS)
 from zoo.core import protocols
 from zoo.core.types import StepContext, StepRNG, TokenBatch
 
@@ -41,6 +41,8 @@ REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag -> fields an entry cannot
     "diffusers": _diffusers_vae,
     "shifted": lambda tmp: {"shift": 3.0},
     "linear_probe": lambda tmp: {"block": 2, "num_train": 100, "num_test": 50},
+    "repa": lambda tmp: {"encoders": ["t"]},
+    "vit": lambda tmp: {"weights": None},  # random init: allowed for tests only (specs must name a file)
 }
 
 
@@ -84,16 +86,18 @@ def test_backbone_contract(tag, tmp_path):
 def test_objective_contract(tag, tmp_path):
     torch.manual_seed(0)
     student, ema = tiny_backbone(), tiny_backbone()
+    tp = TEACHERS.get("vit").Params(type="vit", preset="tiny", weights=None)
+    teacher = TEACHERS.build(tp, input_shape=(3, 8, 8))
     obj = OBJECTIVES.build(params_for(OBJECTIVES, tag, tmp_path), hidden=student.hidden, depth=student.depth,
-                           grid=(4, 4), teachers={}, teacher_params={})
-    batch = TokenBatch(torch.randn(4, 16, 8), torch.tensor([0, 1, 2, 0]))
+                           grid=(4, 4), teachers={"t": teacher}, teacher_params={"t": tp})
+    batch = TokenBatch(torch.randn(4, 16, 8), torch.tensor([0, 1, 2, 0]), raw=torch.rand(4, 3, 8, 8) * 2 - 1)
     ctx = StepContext(0, StepRNG(0, 0, 0, 0, 4, 4), ema=ema.eval().requires_grad_(False))
     out = obj(student, batch, ctx)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert all(v.ndim == 0 and not v.requires_grad for v in out.metrics.values())
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in [*student.parameters(), *obj.parameters()])
-    assert all(p.grad is None for p in ema.parameters())
+    assert all(p.grad is None for p in ema.parameters()) and all(p.grad is None for p in teacher.parameters())
     again = obj(student, batch, StepContext(0, StepRNG(0, 0, 0, 0, 4, 4), ema=ema))
     assert torch.equal(again.loss, out.loss)  # all randomness comes from the step RNG
 
@@ -106,6 +110,22 @@ def test_timesteps_contract(tag, tmp_path):
     assert t.shape == u.shape and (t >= 0).all() and (t <= 1).all() and (t.diff() >= 0).all()
     s = dist.sample(StepRNG(0, 0, 0, 0, 5, 5), 3)
     assert s.shape == (5, 3) and (s >= 0).all() and (s <= 1).all()
+
+
+@pytest.mark.parametrize("tag", entries(TEACHERS))
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 32, 32)])
+def test_teacher_contract(tag, shape, tmp_path):
+    params = params_for(TEACHERS, tag, tmp_path)
+    try:
+        t = TEACHERS.build(params, input_shape=shape)
+    except ImportError as e:  # an optional weights package (efficientnet_lite0: fmzoo[encoders])
+        pytest.skip(str(e))
+    assert isinstance(t, protocols.Teacher) and not t.training and not any(p.requires_grad for p in t.parameters())
+    raw = torch.rand(2, *shape) * 2 - 1
+    z = t.features(raw, grid=(4, 4))
+    gh, gw = params.feature_grid(shape, (4, 4))
+    assert z.shape == (2, gh * gw, params.feature_dim) and torch.isfinite(z).all()
+    assert torch.equal(t.features(raw, grid=(4, 4)), z)
 
 
 @pytest.mark.parametrize("tag", entries(MASKS))

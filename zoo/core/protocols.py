@@ -103,10 +103,12 @@ class TokenMask(Protocol):
 @runtime_checkable
 class Teacher(Protocol):
     """A frozen external encoder (REPA's target), an ``nn.Module`` in eval mode with its own preprocessing.
-    deps: ``input_shape`` (one data sample). ``features(raw (B, *input_shape) in [-1, 1]) -> (B, M, F)`` patch
-    features on a ``grid``; params declare ``feature_dim`` so shapes are known before weights load."""
+    deps: ``input_shape`` (one data sample) and ``token_grid`` (the generator's token grid).
+    ``features(raw (B, *input_shape) in [-1, 1], grid=None) -> (B, M, F)``: patch features, row-major on
+    ``params.feature_grid(input_shape, grid)``; params declare ``feature_dim`` (and optionally ``flops``) so
+    shapes and costs are known before any weights load."""
 
-    def features(self, raw: Tensor) -> Tensor: ...
+    def features(self, raw: Tensor, grid: tuple[int, ...] | None = None) -> Tensor: ...
 
 
 @runtime_checkable
