@@ -145,6 +145,15 @@ def test_cli_bad_spec_exits_2_with_paths_and_no_traceback(tmp_path):
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("name", ["repa_imagenet256_xl2", "selfflow_imagenet256_xl2"])
+def test_objective_recipes_dry_run_with_their_extra_cost(name):
+    r = _run_cli(f"specs/{name}.json", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    step = next(ln for ln in r.stdout.splitlines() if ln.startswith("train FLOPs / step"))
+    assert float(step.split()[4].replace(",", "")) > 182.2  # more than vanilla XL/2's 182.2 TFLOP
+    assert "objective parameters    0" not in r.stdout  # projector heads are trained and counted
+
+
 def test_cli_dry_run_prints_resolved_spec_params_and_flops():
     r = _run_cli("specs/fm_imagenet256_xl2.json", "--dry-run")
     assert r.returncode == 0, r.stderr
