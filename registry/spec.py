@@ -298,8 +298,9 @@ def validate(raw: dict) -> Any:
         raise SpecError(problems_from_validation(e, raw)) from None
     try:
         spec = resolve_defaults(spec)
-    except ValueError as e:  # a resolve hook that cannot derive a value says why
-        raise SpecError([("", str(e))]) from None
+    except ValueError as e:  # a resolve hook that cannot derive a value says why, as "json.path: message"
+        path, sep, msg = str(e).partition(": ")
+        raise SpecError([(path, msg) if sep and " " not in path else ("", str(e))]) from None
     probs = cross_problems(spec)
     if probs:
         raise SpecError(probs)

@@ -161,3 +161,23 @@ def test_cli_dry_run_prints_resolved_spec_params_and_flops():
     assert "forward FLOPs / sample  237.2 GFLOP" in r.stdout and "59.3 TFLOP/sample" in r.stdout
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("backbone parameters"))
     assert 670e6 < int(line.split()[-1].replace(",", "")) < 680e6
+
+
+@pytest.mark.parametrize("objective", ["selfflow", "repa"])
+def test_switching_method_is_one_field(objective):
+    """The digits specs declare the same teachers, so objective.type alone switches the method."""
+    raw = load_raw("fm_digits_tiny.json")
+    raw["objective"]["type"] = objective
+    spec = validate(raw)
+    assert spec.objective.type == objective
+    if objective == "repa":
+        assert spec.objective.encoders == ["digits"] and spec.objective.align_depth == 4
+    else:
+        assert (spec.objective.student_block, spec.objective.teacher_block) == (2, 4)
+
+
+def test_repa_without_teachers_says_where():
+    raw = tiny_spec_dict(objective={"type": "repa"})
+    with pytest.raises(SpecError) as e:
+        validate(raw)
+    assert e.value.problems[0][0] == "objective.encoders" and "teachers" in e.value.problems[0][1]

@@ -56,9 +56,10 @@ class REPAParams(ZooParams):
     """REPA (Yu et al., ICLR 2025): flow matching + cosine alignment of block ``align_depth`` to frozen encoders."""
 
     type: Literal["repa"] = Field(..., description="Flow matching + REPA representation alignment to external encoders.")
-    encoders: list[str] = Field(..., min_length=1, description="Names of frozen encoders under the spec's `teachers` "
-                                                               "to align to; the loss averages over them ([REPA-code] "
-                                                               "--enc-type dinov2-vit-b: one encoder).")
+    encoders: list[str] | None = Field(
+        None, description="Names of frozen encoders under the spec's `teachers` (several are averaged, [REPA-code] "
+                          "loss.py); null = every teacher of the spec, so switching objective.type to repa needs no "
+                          "other edit in a spec that declares its teachers.")
     align_depth: int | None = Field(None, ge=1, description="1-based student block whose output is projected ([REPA-code] "
                                                             "--encoder-depth). null = 8 if backbone depth >= 24 else 4 "
                                                             "(REPA README / REPA issue #5), written into the resolved spec.")
@@ -71,7 +72,13 @@ class REPAParams(ZooParams):
                                                                   "label, for CFG ([REPA-code] class_dropout_prob: 0.1).")
 
     def resolve(self, spec: Any) -> "REPAParams":
-        """Fill ``align_depth`` from the backbone depth (REPA's rule, :func:`default_align_depth`)."""
+        """Fill ``encoders`` (every teacher of the spec) and ``align_depth`` (from the backbone depth, REPA's
+        rule, :func:`default_align_depth`)."""
+        if self.encoders is None:
+            if not spec.teachers:
+                raise ValueError("objective.encoders: REPA aligns to frozen encoders and the spec declares none; add "
+                                 "one under `teachers` (e.g. {\"digits\": {\"type\": \"classifier\"}})")
+            return self.model_copy(update={"encoders": sorted(spec.teachers)}).resolve(spec)
         if self.align_depth is not None:
             return self
         depth = getattr(spec.backbone, "depth", None)
@@ -82,7 +89,9 @@ class REPAParams(ZooParams):
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
         known = sorted(spec.teachers)
-        for i, name in enumerate(self.encoders):
+        if not self.encoders:
+            yield "objective.encoders", "REPA needs at least one encoder (a name under `teachers`)"
+        for i, name in enumerate(self.encoders or ()):
             if name not in spec.teachers:
                 near = closest(name, known)
                 yield (f"objective.encoders[{i}]",
