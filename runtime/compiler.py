@@ -86,10 +86,12 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
     return None
 
 
-def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load_frozen: bool = True) -> Graph:
+def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load_frozen: bool = True,
+                 load_teachers: bool = True) -> Graph:
     """Build every component of ``spec`` on ``device``. On ``torch.device("meta")`` (``--dry-run``) only the
     shapes are built; there, and with ``load_frozen=False`` (benchmarks on synthetic latents), the frozen
-    autoencoder is not loaded and the graph takes token batches only."""
+    autoencoder is not loaded and the graph takes token batches only. Sampling and evaluating need no teachers
+    (``load_teachers=False``): the objective's heads are sized from the teachers' params alone."""
     input_shape = tuple(spec.data.sample_shape())
     latent_shape = tuple(spec.autoencoder.latent_shape(input_shape))
     num_classes = int(spec.data.num_classes)
@@ -98,7 +100,7 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
     if device.type != "meta" and load_frozen:
         autoencoder = AUTOENCODERS.build(spec.autoencoder).to(device).eval().requires_grad_(False)
         teachers = {name: TEACHERS.build(p, input_shape=input_shape, token_grid=tuple(modality.grid))
-                    .to(device).eval().requires_grad_(False) for name, p in spec.teachers.items()}
+                    .to(device).eval().requires_grad_(False) for name, p in spec.teachers.items()} if load_teachers else {}
 
     bb_params = spec.backbone
     attn_dev = torch.device("cpu") if device.type == "meta" else device
@@ -141,7 +143,7 @@ def graph_from_checkpoint(path: Any, device: torch.device, edit: Any = None) -> 
     raw = json.loads((ck_dir / "spec.resolved.json").read_text())
     if edit is not None:
         edit(raw)
-    graph = compile_spec(validate(raw), device)
+    graph = compile_spec(validate(raw), device, load_teachers=False)  # frozen encoders: training only
     ck = load_checkpoint(ck_dir, map_location=device)
     graph.train_module.load_state_dict(ck.model)
     if ck.ema is not None and graph.ema is not None:

@@ -397,3 +397,26 @@ def test_digit_classifier_teacher_and_smoke_run(tmp_path):
     assert all(0 < r["loss_rep"] < 2 and r["loss_flow"] > 0 for r in rows)
     assert json.loads((out / "spec.resolved.json").read_text())["objective"]["align_depth"] == 4
     assert Path(out / "checkpoints").is_dir()
+
+
+def test_sampling_a_repa_checkpoint_needs_no_encoder_file(tmp_path):
+    """The frozen encoders serve training only: a REPA run whose encoder file is gone still samples."""
+    import json as _json
+
+    from runtime import run as run_cli
+    from runtime import sample as sample_cli
+    from tests.helpers import tiny_spec_dict
+
+    vit = tmp_path / "vit.pt"
+    from registry.kinds import TEACHERS as _T
+
+    p = _T.get("vit").Params(type="vit", preset="tiny", weights=None)
+    torch.save(_T.build(p, input_shape=(1, 16, 16)).state_dict(), vit)
+    raw = tiny_spec_dict(teachers={"enc": {"type": "vit", "preset": "tiny", "weights": str(vit)}},
+                         objective={"type": "repa", "projector_width": 32})
+    spec = tmp_path / "repa.json"
+    spec.write_text(_json.dumps(raw))
+    out = tmp_path / "run"
+    assert run_cli.main([str(spec), "--out", str(out), "--set", "train.steps=3"]) == 0
+    vit.unlink()
+    assert sample_cli.main([str(out), "--n", "2", "--steps", "2", "--out", str(tmp_path / "s.png")]) == 0
