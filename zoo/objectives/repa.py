@@ -20,7 +20,6 @@ compare); with several encoders also ``loss_rep_<name>`` each.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Iterable, Literal
 
 import torch
@@ -159,13 +158,6 @@ def cosine_per_token(a: Tensor, b: Tensor) -> Tensor:
         return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(dim=-1)
 
 
-def _takes_grid(teacher: Any) -> bool:
-    try:
-        return "grid" in inspect.signature(teacher.features).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 # ------------------------------------------------------------------------------------------ objective
 @OBJECTIVES.register
 class REPA(nn.Module):
@@ -218,12 +210,8 @@ class REPA(nn.Module):
             if teacher is None:
                 raise RuntimeError(f"objective 'repa': teacher {name!r} is not loaded (graphs built on the meta device "
                                    f"or without frozen modules have none)")
-            z = teacher.features(raw, grid=self.grid) if _takes_grid(teacher) else teacher.features(raw)
-            src = None
-            if hasattr(tp, "feature_grid"):
-                src = tuple(tp.feature_grid(tuple(raw.shape[1:]), self.grid))
-            elif getattr(teacher, "grid", None) is not None:
-                src = tuple(teacher.grid)
+            z = teacher.features(raw, grid=self.grid)  # the Teacher contract (zoo.core.protocols)
+            src = tuple(tp.feature_grid(tuple(raw.shape[1:]), self.grid))
             out.append(match_grid(z.float(), src, self.grid))
         return out
 
