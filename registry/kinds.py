@@ -16,9 +16,10 @@ METRICS: Registry = Registry("metric", "MetricSpec")
 LR_SCHEDULES: Registry = Registry("lr_schedule", "LRScheduleSpec")
 MASKS: Registry = Registry("mask", "MaskSpec")
 TEACHERS: Registry = Registry("teacher", "TeacherSpec")
+POSITIONS: Registry = Registry("position", "PositionSpec")
 
 ALL: dict[str, Registry] = {
     r.kind: r
     for r in (BACKBONES, OBJECTIVES, TIMESTEPS, AUTOENCODERS, MODALITIES, DATASETS, SOLVERS, ATTENTION, METRICS,
-              LR_SCHEDULES, MASKS, TEACHERS)
+              LR_SCHEDULES, MASKS, TEACHERS, POSITIONS)
 }

@@ -6,6 +6,7 @@ import importlib
 
 _BUILTINS = [
     "zoo.layers.attention",
+    "zoo.layers.positions",
     "zoo.objectives.timesteps",
     "zoo.objectives.flow_matching",
     "zoo.objectives.masks",
@@ -16,15 +17,19 @@ _BUILTINS = [
     "zoo.teachers.digit_classifier",
     "zoo.backbones.sit",
     "zoo.backbones.converted",
+    "zoo.backbones.mmdit",
     "zoo.autoencoders.identity",
     "zoo.autoencoders.diffusers_ae",
     "zoo.modalities.image",
     "zoo.data.digits",
     "zoo.data.image_folder",
+    "zoo.data.bouncing_av",
+    "zoo.data.media_folders",
     "zoo.solvers.ode",
     "zoo.solvers.sde",
     "zoo.metrics.classifier",
     "zoo.metrics.linear_probe",
+    "zoo.metrics.av",
     "zoo.lr_schedules",
 ]
 

@@ -61,8 +61,9 @@ class SiTTimeFlip(SiT):
 
     Params = SiTTimeFlipParams
 
-    def __init__(self, params: SiTTimeFlipParams, *, token_dim: int, grid: tuple[int, ...], num_classes: int):
-        super().__init__(params, token_dim=token_dim, grid=grid, num_classes=num_classes)
+    def __init__(self, params: SiTTimeFlipParams, *, token_dim: int, grid: tuple[int, ...], num_classes: int,
+                 layout: Any = None):
+        super().__init__(params, token_dim=token_dim, grid=grid, num_classes=num_classes, layout=layout)
         self.learn_sigma = bool(params.learn_sigma)
         p2 = params.patch * params.patch
         if self.token_dim % p2:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from registry.kinds import BACKBONES
 from zoo.core.params import ZooParams
+from zoo.core.layout import TokenLayout
 from zoo.core.types import BackboneOut
 from zoo.layers.attention import build_attention
 from zoo.layers.embed import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
@@ -163,6 +164,7 @@ class SiT(nn.Module):
         token_dim: ``P``, values per token (``C * p * p``).
         grid: ``(h, w)`` token grid; ``N = h * w``.
         num_classes: class labels ``0 .. num_classes - 1``; 0 = unconditional. ``null_label = num_classes``.
+        layout: the modality's :class:`~zoo.core.layout.TokenLayout` (must have one segment), optional.
 
     Example::
 
@@ -172,8 +174,12 @@ class SiT(nn.Module):
 
     Params = SiTParams
 
-    def __init__(self, params: SiTParams, *, token_dim: int, grid: tuple[int, ...], num_classes: int):
+    def __init__(self, params: SiTParams, *, token_dim: int, grid: tuple[int, ...], num_classes: int,
+                 layout: TokenLayout | None = None):
         super().__init__()
+        if layout is not None and len(layout.segments) != 1:
+            raise ValueError(f"backbone 'sit' takes one modality; this layout has {', '.join(layout.names)} "
+                             f"(use backbone 'mmdit' for several)")
         grid = tuple(int(g) for g in grid)
         if len(grid) != 2:
             raise ValueError(f"backbone 'sit' needs a 2-D token grid (h, w); got {grid}")

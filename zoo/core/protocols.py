@@ -5,7 +5,7 @@ Shapes: ``B`` batch, ``N`` tokens, ``P`` token dim (channels x patch area), ``D`
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -18,7 +18,8 @@ Velocity = Callable[[Tensor, Tensor], Tensor]
 
 @runtime_checkable
 class Backbone(Protocol):
-    """deps: ``token_dim: int, grid: tuple[int, ...], num_classes: int`` (0 = unconditional).
+    """deps: ``token_dim: int, grid: tuple[int, ...], num_classes: int`` (0 = unconditional) and
+    ``layout: TokenLayout`` (:mod:`zoo.core.layout`: modality segments and token coordinates).
 
     Class labels are ``0 .. num_classes - 1``; ``null_label == num_classes`` is the CFG null row.
     ``forward(x (B,N,P), t (B,) or (B,N), y (B,) | None, taps=(), stop_after=None) -> BackboneOut``;
@@ -51,10 +52,14 @@ class Attention(Protocol):
 
 @runtime_checkable
 class Modality(Protocol):
-    """deps: ``patch: int, latent_shape: tuple[int, ...]``. Layout between latents and tokens."""
+    """deps: ``patch: int | None`` (the backbone's, if it has one), ``latent_shape`` (a tuple, or a dict of
+    tuples per stream) and ``time_step_s`` (seconds per latent time step, per stream; for media).
+    Layout between latents and tokens; ``layout`` (:class:`zoo.core.layout.TokenLayout`) names the
+    segments and token coordinates, ``token_dim == layout.token_dim``."""
 
     token_dim: int
     grid: tuple[int, ...]
+    layout: Any
 
     def to_tokens(self, z: Tensor) -> Tensor: ...        # (B, *latent_shape) -> (B, N, P)
     def from_tokens(self, tokens: Tensor) -> Tensor: ...  # (B, N, P) -> (B, *latent_shape)

@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import MODALITIES
+from zoo.core.layout import TokenLayout
 from zoo.core.params import ZooParams
 
 
@@ -60,18 +61,19 @@ class ImageModality(nn.Module):
         patch: ``p``.
         latent_shape: ``(C, H, W)``.
 
-    Attributes: ``token_dim`` ``P = C p^2``, ``grid`` ``(H / p, W / p)``, ``num_tokens`` ``N``.
+    Attributes: ``token_dim`` ``P = C p^2``, ``grid`` ``(H / p, W / p)``, ``num_tokens`` ``N``, ``layout``.
     """
 
     Params = ImageModalityParams
 
-    def __init__(self, params: ImageModalityParams, *, patch: int, latent_shape: tuple[int, ...]):
+    def __init__(self, params: ImageModalityParams, *, patch: int, latent_shape: tuple[int, ...], **deps: Any):
         super().__init__()
         self.params = params
         self.grid, self.token_dim = params.layout(latent_shape, patch)
         self.patch = int(patch)
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.num_tokens = self.grid[0] * self.grid[1]
+        self.layout = TokenLayout.single("image", self.grid, self.token_dim)  # time 0, (row, column) per token
 
     def to_tokens(self, z: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> ``(B, N, P)``."""
