@@ -35,8 +35,8 @@ class Graph:
     spec: Any
     device: torch.device
     autocast_dtype: torch.dtype | None   # None = fp32
-    input_shape: tuple[int, ...]         # one data sample, e.g. (C, H, W)
-    latent_shape: tuple[int, ...]
+    input_shape: Any                     # one data sample, e.g. (C, H, W), or a dict of shapes by stream
+    latent_shape: Any
     num_classes: int
     autoencoder: nn.Module | None        # frozen; None on the meta device (dry run: weights not loaded)
     teachers: dict[str, nn.Module]       # frozen external encoders by spec name (empty on the meta device)
@@ -52,7 +52,7 @@ class Graph:
 
     @property
     def num_tokens(self) -> int:
-        return int(torch.Size(self.modality.grid).numel())
+        return int(self.modality.layout.num_tokens)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -60,16 +60,17 @@ class Graph:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
-    def to_tokens(self, x: torch.Tensor, y: torch.Tensor | None) -> TokenBatch:
-        """Data ``(B, *input_shape)`` -> clean tokens ``(B, N, P)`` on the device (frozen encoder, no grad)."""
-        x = x.to(self.device, non_blocking=True)
-        z = self.autoencoder.encode(x).float()
+    def to_tokens(self, x: Any, y: torch.Tensor | None) -> TokenBatch:
+        """Data ``(B, *input_shape)`` (or a dict of such tensors by stream) -> clean tokens ``(B, N, P)`` on the
+        device (frozen encoder, no grad)."""
+        x = tree_map(lambda v: v.to(self.device, non_blocking=True), x)
+        z = tree_map(lambda v: v.float(), self.autoencoder.encode(x))
         y = y.to(self.device, non_blocking=True) if (y is not None and self.num_classes > 0) else None
         return TokenBatch(self.modality.to_tokens(z), y, raw=x if self.teachers else None)
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(B, N, P)`` -> data space ``(B, *input_shape)``."""
+    def decode(self, tokens: torch.Tensor) -> Any:
+        """Tokens ``(B, N, P)`` -> data space ``(B, *input_shape)`` (a dict by stream for multi-stream data)."""
         return self.autoencoder.decode(self.modality.from_tokens(tokens.float()))
 
     def train_flops_per_sample(self) -> float:
@@ -78,6 +79,24 @@ class Graph:
         fwd = self.backbone.flops(self.num_tokens)
         extra = getattr(self.train_module.objective, "extra_forward_flops", None)
         return 3 * fwd + (extra(self.backbone, self.num_tokens) if extra else 0.0)
+
+
+def tree_map(fn: Any, x: Any) -> Any:
+    """Apply ``fn`` to a tensor, or to every tensor of a dict of streams."""
+    return {k: fn(v) for k, v in x.items()} if isinstance(x, dict) else fn(x)
+
+
+def time_steps(spec: Any) -> Any:
+    """Seconds per latent time step, per stream (``{"video": 1 / fps, "audio": hop / sample_rate}``), from the
+    data's ``stream_rates()`` and the autoencoder's ``time_stride``; None for data without a time axis."""
+    rates_fn = getattr(spec.data, "stream_rates", None)
+    if rates_fn is None:
+        return None
+    rates, shape = rates_fn(), spec.data.sample_shape()
+    stride_fn = getattr(spec.autoencoder, "time_stride", None)
+    strides = stride_fn(shape) if stride_fn is not None else 1
+    out = {k: (strides.get(k, 1) if isinstance(strides, dict) else strides) / float(r) for k, r in rates.items()}
+    return out if isinstance(shape, dict) else next(iter(out.values()))
 
 
 def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
@@ -92,10 +111,11 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
     shapes are built; there, and with ``load_frozen=False`` (benchmarks on synthetic latents), the frozen
     autoencoder is not loaded and the graph takes token batches only. Sampling and evaluating need no teachers
     (``load_teachers=False``): the objective's heads are sized from the teachers' params alone."""
-    input_shape = tuple(spec.data.sample_shape())
-    latent_shape = tuple(spec.autoencoder.latent_shape(input_shape))
+    input_shape = _shape(spec.data.sample_shape())
+    latent_shape = _shape(spec.autoencoder.latent_shape(input_shape))
     num_classes = int(spec.data.num_classes)
-    modality = MODALITIES.build(spec.modality, patch=spec.backbone.patch, latent_shape=latent_shape)
+    modality = MODALITIES.build(spec.modality, patch=getattr(spec.backbone, "patch", None), latent_shape=latent_shape,
+                                time_step_s=time_steps(spec))
     autoencoder, teachers = None, {}
     if device.type != "meta" and load_frozen:
         autoencoder = AUTOENCODERS.build(spec.autoencoder).to(device).eval().requires_grad_(False)
@@ -109,9 +129,9 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
     torch.manual_seed(spec.train.seed)  # initialisation depends only on the seed
     with torch.device(device):
         backbone = BACKBONES.build(bb_params, token_dim=modality.token_dim, grid=tuple(modality.grid),
-                                   num_classes=num_classes)
+                                   num_classes=num_classes, layout=modality.layout)
         objective = OBJECTIVES.build(spec.objective, hidden=backbone.hidden, depth=backbone.depth,
-                                     grid=tuple(modality.grid), teachers=teachers,
+                                     grid=tuple(modality.grid), layout=modality.layout, teachers=teachers,
                                      teacher_params=dict(spec.teachers))
     train_module = TrainModule(backbone, objective).to(device)
     ema = EMA(backbone, spec.train.ema.decay, spec.train.ema.warmup_steps) if with_ema else None
@@ -121,6 +141,10 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
         autoencoder=autoencoder, teachers=teachers, modality=modality, train_module=train_module, ema=ema,
         solver=SOLVERS.build(spec.solver), attention=bb_params.attention.type,
     )
+
+
+def _shape(shape: Any) -> Any:
+    return {k: tuple(int(s) for s in v) for k, v in shape.items()} if isinstance(shape, dict) else tuple(shape)
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:

@@ -194,9 +194,10 @@ def _as_tensor(v: Any) -> torch.Tensor:
     return torch.as_tensor(v)
 
 
-def collate_pairs(items: Sequence[tuple[Any, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_pairs(items: Sequence[tuple[Any, Any]]) -> tuple[Any, torch.Tensor]:
     """Collate ``(x, y)`` pairs: ``x`` tensors/arrays of shape ``(C, H, W)`` (any shared shape)
-    become one float32 tensor ``(B, C, H, W)``; ``y`` ints (or 0-d tensors) become int64 ``(B,)``.
+    become one float32 tensor ``(B, C, H, W)`` -- or, for multi-stream samples (dicts of tensors by stream
+    name), a dict of such batches; ``y`` ints (or 0-d tensors) become int64 ``(B,)``.
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
@@ -204,7 +205,10 @@ def collate_pairs(items: Sequence[tuple[Any, Any]]) -> tuple[torch.Tensor, torch
         xs, ys = zip(*items)
     except (TypeError, ValueError) as e:
         raise TypeError("collate_pairs expects dataset items that are (x, y) pairs") from e
-    x = torch.stack([_as_tensor(v) for v in xs]).to(torch.float32)
+    if isinstance(xs[0], dict):
+        x: Any = {k: torch.stack([_as_tensor(v[k]) for v in xs]).to(torch.float32) for k in xs[0]}
+    else:
+        x = torch.stack([_as_tensor(v) for v in xs]).to(torch.float32)
     y = torch.stack([_as_tensor(v).reshape(()) for v in ys]).to(torch.int64)
     return x, y
 

@@ -139,7 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ndone: {result['steps']} steps ({result['skipped_steps']} skipped)")
         for k, v in sorted(result.get("metrics", {}).items()):
             print(f"  {k:<28} {v:.4f}")
-        print(f"samples      {result['samples']}")
+        written = result["samples"]
+        from runtime.report import write_report
+
+        report = write_report(run_dir)
+        print(f"report       {report}   (open it in a browser)")
+        print(f"samples      {written.sheet}")
+        if written.mp4:
+            print(f"videos       {len(written.mp4)} MP4 with sound in {written.mp4[0].parent}")
+        elif written.wav:
+            print(f"audio        {len(written.wav)} WAV in {written.wav[0].parent}")
+        if written.gif is not None:
+            print(f"preview      {written.gif}")
         print(f"checkpoints  {ckpt_root}")
         print(f"metrics      {run_dir / 'metrics.jsonl'}   (tensorboard --logdir {run_dir / 'tb'})")
         print(f"sample again python -m runtime.sample {run_dir} --n 40")

@@ -27,9 +27,12 @@ def default_labels(n: int, num_classes: int, labels: list[int] | None = None) ->
 @torch.no_grad()
 def generate(graph: Any, n: int, labels: torch.Tensor | None, *, solver: Any = None, cfg_scale: float = 1.0,
              guidance_low: float = 0.0, guidance_high: float = 1.0, seed: int = 0, use_ema: bool = True,
-             batch_size: int = 256) -> torch.Tensor:
-    """``n`` samples in data space ``(n, *input_shape)``, clamped to [-1, 1]. The noise comes from a
-    generator seeded with ``seed`` (never the training RNG), drawn on the CPU so it is device-independent."""
+             batch_size: int = 256) -> Any:
+    """``n`` samples in data space ``(n, *input_shape)`` (a dict of such tensors by stream for multi-stream
+    data), clamped to [-1, 1]. The noise comes from a generator seeded with ``seed`` (never the training RNG),
+    drawn on the CPU so it is device-independent."""
+    from runtime.compiler import tree_map
+
     net = graph.ema.module if (use_ema and graph.ema is not None) else graph.backbone
     was_training = net.training
     net.eval()
@@ -47,8 +50,10 @@ def generate(graph: Any, n: int, labels: torch.Tensor | None, *, solver: Any = N
 
         v = guided(model, y, net.null_label, cfg_scale, guidance_low, guidance_high)
         x0 = solver.solve(v, x1, generator=torch.Generator(graph.device).manual_seed(seed + 1 + i))
-        out.append(graph.decode(x0).clamp(-1, 1).cpu())
+        out.append(tree_map(lambda v: v.clamp(-1, 1).cpu(), graph.decode(x0)))
     net.train(was_training)
+    if isinstance(out[0], dict):
+        return {k: torch.cat([o[k] for o in out]) for k in out[0]}
     return torch.cat(out)
 
 

@@ -187,6 +187,23 @@ class Tracker:
             raise ValueError(f"image must be (H, W, C) with C in 1/3/4, got shape {img.shape}")
         self._tb.add_image(tag, img, int(step), dataformats="HWC")
 
+    def audio(self, tag: str, step: int, wave: np.ndarray, sample_rate: int) -> None:
+        """Log one mono clip: float array ``(L,)`` in [-1, 1]."""
+        if not self.enabled or self._tb is None:
+            return
+        wave = np.clip(np.asarray(wave, dtype=np.float32).reshape(-1), -1.0, 1.0)
+        self._tb.add_audio(tag, wave[None], int(step), sample_rate=int(sample_rate))
+
+    def gif(self, tag: str, step: int, gif: bytes, height: int, width: int) -> None:
+        """Log an animated GIF (its encoded bytes) as an image summary: TensorBoard's image panel plays it.
+        (``SummaryWriter.add_video`` needs moviepy, which this stack lacks.)"""
+        if not self.enabled or self._tb is None:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        img = Summary.Image(height=int(height), width=int(width), colorspace=3, encoded_image_string=gif)
+        self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=img)]), int(step))
+
     def text(self, tag: str, step: int, text: str) -> None:
         """Log a (markdown) string."""
         if not self.enabled or self._tb is None:

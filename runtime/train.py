@@ -25,10 +25,11 @@ from registry.kinds import DATASETS, METRICS
 from registry.spec import resolved_dict
 from runtime.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from runtime.compiler import Graph
-from runtime.data import build_loader
+from runtime.data import build_loader, collate_pairs
+from runtime.media_out import Written, write_samples
 from runtime.distributed import DistInfo, all_reduce_mean, all_true, barrier
 from runtime.optim import LearningRate, build_optimizer
-from runtime.sample import default_labels, generate, grid_image, save_png
+from runtime.sample import default_labels, generate
 from runtime.tracking import Tracker
 from zoo.core.types import StepContext, StepRNG, TokenBatch
 
@@ -162,7 +163,7 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
     bar.close()
     result: dict[str, Any] = {"steps": tr.steps, "skipped_steps": skipped}
     if evaluator is not None:
-        result["samples"] = str(evaluator.preview(tr.steps))
+        result["samples"] = evaluator.preview(tr.steps)
         if spec.eval.at_end and spec.eval.metrics:
             result["metrics"] = evaluator.evaluate(tr.steps, with_real=True)
     barrier(info)
@@ -187,14 +188,14 @@ class Evaluator:
                           guidance_high=s.guidance_high, seed=seed, use_ema=s.use_ema)
         return images, labels
 
-    def preview(self, step: int) -> Path:
+    def preview(self, step: int) -> Written:
+        """Samples of ``sample.n`` under ``samples/step_<step>``: a PNG sheet for images; MP4 (with audio), WAV,
+        GIF and a contact sheet for clips (:mod:`runtime.media_out`)."""
         s = self.graph.spec.sample
-        images, _ = self._generate(s.n, s.seed)
-        sheet = grid_image(images, nrow=min(self.graph.num_classes, s.n) or None, scale=2)
-        path = save_png(sheet, self.run_dir / "samples" / f"step_{step:08d}.png")
-        if self.tracker is not None:
-            self.tracker.image("samples/grid", step, sheet)
-        return path
+        samples, labels = self._generate(s.n, s.seed)
+        rates = getattr(self.graph.spec.data, "stream_rates", lambda: None)()
+        return write_samples(samples, labels, rates, self.run_dir / "samples", f"step_{step:08d}",
+                             nrow=min(self.graph.num_classes, s.n) or None, tracker=self.tracker, step=step)
 
     def evaluate(self, step: int, with_real: bool = False) -> dict[str, float]:
         """Sample metrics on ``eval.num_samples`` generated samples (and, ``with_real``, on as many real
@@ -209,8 +210,7 @@ class Evaluator:
             vals.update({f"eval/{k}": v for k, v in m.evaluate_model(self.graph).items()})
         if with_real and self.on_samples:
             real = DATASETS.build(self.graph.spec.data, split="eval")
-            xs, ys = zip(*(real[i] for i in range(min(n, len(real)))))
-            x, y = torch.stack(xs), torch.tensor(ys)
+            x, y = collate_pairs([real[i] for i in range(min(n, len(real)))])
             for m in self.on_samples:
                 vals.update({f"real/{k}": v for k, v in m(x, y).items()})
         if self.tracker is not None:

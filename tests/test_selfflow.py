@@ -91,7 +91,7 @@ def replay(obj, x0, r):
     """The documented draw order of ``selfflow`` with a ``bernoulli`` mask."""
     mp = obj.params.mask
     t, s = obj.timesteps.sample(r), obj.timesteps.sample(r)
-    m = (r.rand(x0.shape[1]) < mp.ratio) & ~(r.rand() < mp.full_sample_prob)[:, None]
+    m = (r.rand(x0.shape[1]) < obj.mask.token_ratios(x0.shape[1])) & ~(r.rand() < mp.full_sample_prob)[:, None]
     x1 = r.randn(*x0.shape[1:]).to(x0.dtype)
     u_label = r.rand()
     u = r.rand(2)

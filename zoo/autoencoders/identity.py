@@ -2,7 +2,7 @@
 ``decode`` return their input unchanged, ``(B, *shape)`` -> ``(B, *shape)``."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
@@ -16,8 +16,10 @@ class IdentityAutoencoderParams(ZooParams):
 
     type: Literal["identity"] = Field(..., description="Pass-through: latent = input (pixel space, tests).")
 
-    def latent_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The latent shape of one sample: the input shape itself."""
+    def latent_shape(self, input_shape: Any) -> Any:
+        """The latent shape of one sample: the input shape itself (a dict of shapes for multi-stream data)."""
+        if isinstance(input_shape, dict):
+            return {k: tuple(v) for k, v in input_shape.items()}
         return tuple(input_shape)
 
 

@@ -14,7 +14,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
@@ -28,6 +28,8 @@ class ImageModalityParams(ZooParams):
     """Image latents ``(C, H, W)`` split into ``p x p`` patch tokens (p = ``backbone.patch``)."""
 
     type: Literal["image"] = Field(..., description="Image latents (C, H, W) as p x p patch tokens, (ph, pw, c) order.")
+
+    segment_names: ClassVar[tuple[str, ...]] = ("image",)
 
     @staticmethod
     def layout(latent_shape: tuple[int, ...], patch: int) -> tuple[tuple[int, int], int]:

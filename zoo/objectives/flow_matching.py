@@ -13,7 +13,7 @@ Draw order from ``ctx.rng`` in :class:`FlowMatching` (fixed; changing it changes
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from registry.kinds import OBJECTIVES
 from zoo.core.params import ZooParams
+from zoo.core.layout import TokenLayout
 from zoo.core.time import interpolate, velocity_target
 from zoo.core.types import LossOut, StepContext, StepRNG, TokenBatch
 from zoo.objectives.timesteps import UniformTimestepsParams, build_timesteps
@@ -53,9 +54,32 @@ def noised(x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     return interpolate(x0, x1, t), velocity_target(x0, x1)
 
 
-def flow_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error over all tokens and channels, in fp32: ``(B, N, P), (B, N, P)`` -> scalar."""
-    return F.mse_loss(pred.float(), target.float())
+def flow_loss(pred: Tensor, target: Tensor, layout: TokenLayout | None = None,
+              weights: dict[str, float] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Squared error in fp32: ``(B, N, P), (B, N, P)`` -> ``(loss, per-modality metrics)``.
+
+    One modality filling all ``P`` channels (or no layout): the mean over all tokens and channels. Several
+    modalities (:class:`~zoo.core.layout.TokenLayout`): ``sum_m w_m * mean over modality m's tokens and its own
+    channels`` (the zero padding beyond a segment's ``token_dim`` carries no loss), ``w_m = weights.get(m, 1)``;
+    the metrics then hold each modality's unweighted mean as ``loss_flow_<name>``.
+    """
+    weights = weights or {}
+    segs = layout.segments if layout is not None else ()
+    if len(segs) <= 1 and (not segs or segs[0].token_dim == pred.shape[-1]):
+        w = weights.get(segs[0].name, 1.0) if segs else 1.0
+        return w * F.mse_loss(pred.float(), target.float()), {}
+    parts = {s.name: F.mse_loss(pred[:, s.tokens, : s.token_dim].float(), target[:, s.tokens, : s.token_dim].float())
+             for s in segs}
+    loss = sum(weights.get(name, 1.0) * v for name, v in parts.items())
+    return loss, ({f"loss_flow_{k}": v.detach() for k, v in parts.items()} if len(parts) > 1 else {})
+
+
+def check_weights(weights: dict[str, float], spec: Any) -> Iterator[tuple[str, str]]:
+    """Spec problems: ``objective.modality_weights`` naming a modality the run does not have."""
+    names = getattr(spec.modality, "segment_names", ())
+    for k in weights:
+        if names and k not in names:
+            yield "objective.modality_weights", f"unknown modality {k!r} (this run has {', '.join(names)})"
 
 
 def null_label_of(student: nn.Module) -> int:
@@ -76,9 +100,13 @@ class FlowMatchingParams(ZooParams):
     label_dropout: float = Field(0.1, ge=0.0, le=1.0,
                                  description="Probability of replacing a class label by the null label, for CFG "
                                              "(SiT/REPA class_dropout_prob: 0.1).")
+    modality_weights: dict[str, float] = Field(
+        default_factory=dict, description="Flow-loss weight per modality, e.g. {\"video\": 1, \"audio\": 0.5}; a "
+                                          "modality not named weighs 1 ([SF-paper] §4.2 weighs the loss per modality).")
 
     def problems(self, spec: Any):
-        """A guided sampler needs a trained null label."""
+        """A guided sampler needs a trained null label; weights name modalities of the run."""
+        yield from check_weights(self.modality_weights, spec)
         if getattr(spec.sample, "cfg_scale", 1.0) != 1.0 and self.label_dropout == 0 and spec.data.num_classes > 0:
             yield ("objective.label_dropout",
                    f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
@@ -90,9 +118,9 @@ class FlowMatching(nn.Module):
 
     Params = FlowMatchingParams
 
-    def __init__(self, params: FlowMatchingParams, **deps: Any):
+    def __init__(self, params: FlowMatchingParams, *, layout: TokenLayout | None = None, **deps: Any):
         super().__init__()
-        self.params = params
+        self.params, self.layout = params, layout
         self.timesteps = build_timesteps(params.timesteps)
 
     def forward(self, student: nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut:
@@ -104,5 +132,5 @@ class FlowMatching(nn.Module):
         y = drop_labels(batch.y, rng, self.params.label_dropout, null)     # (B,) or None
         xt, target = noised(x0, x1, t)
         pred = student(xt, t, y).pred
-        loss = flow_loss(pred, target)
-        return LossOut(loss=loss, metrics={"loss_flow": loss.detach()})
+        loss, per_modality = flow_loss(pred, target, self.layout, self.params.modality_weights)
+        return LossOut(loss=loss, metrics={"loss_flow": loss.detach(), **per_modality})

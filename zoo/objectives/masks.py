@@ -13,6 +13,11 @@ A mask decides, per sample, which tokens get the *second* timestep ``s`` (True) 
   largest-remainder count, up to how an exact .5 tie is broken) at the positions of a fresh uniformly
   random permutation per sample.
 
+``ratio`` is one number for every token or a number per modality (``{"video": 0.1, "audio": 0.5}``; the
+default is the paper's per-modality values, [SF-paper] App. A.3: 0.25 image, 0.1 video, 0.5 audio), read per
+token from the run's :class:`~zoo.core.layout.TokenLayout` (dep ``layout``); ``exact_count`` then masks
+``round(ratio_m * N_m)`` tokens inside each modality's segment.
+
 Both take ``full_sample_prob`` (``[SRA-DTS]`` ``_build_mask``, ``[SRA2SF]`` §6 rho): with that probability a
 sample's mask is all False, so the whole sample has the single timestep ``t`` (and full attention).
 
@@ -41,6 +46,9 @@ from registry.kinds import MASKS
 from zoo.core.params import ZooParams
 from zoo.core.types import StepRNG
 
+PAPER_RATIOS = {"image": 0.25, "video": 0.1, "audio": 0.5}
+"""[SF-paper] App. A.3: mask ratio per modality (video lowest: temporal redundancy)."""
+
 _FULL_SAMPLE_DESC = ("Probability that a sample gets no mask at all (one timestep for the whole sample, full "
                      "attention) ([SRA-DTS] _build_mask; [SRA2SF] §6 uses 0.25 with attention separation at "
                      "ratio 0.5); default 0.0 = never, as in the Self-Flow paper.")
@@ -57,6 +65,20 @@ class _TokenMaskBase:
     def __init__(self, params: Any, **deps: Any):
         self.params = params
         self.grid = deps.get("grid")
+        self.layout = deps.get("layout")
+
+    def token_ratios(self, num_tokens: int) -> Tensor:
+        """``(N,)`` float32 mask ratio of every token (its modality's, when ``ratio`` is per modality)."""
+        r = self.params.ratio
+        if not isinstance(r, dict):
+            return torch.full((num_tokens,), float(r))
+        if self.layout is None:  # no layout given: one image-like segment
+            if "image" not in r:
+                raise ValueError(f"mask ratio is per modality ({r}) but no token layout was given to pick from")
+            return torch.full((num_tokens,), float(r["image"]))
+        if self.layout.num_tokens != num_tokens:
+            raise ValueError(f"mask layout has {self.layout.num_tokens} tokens, asked for {num_tokens}")
+        return self.layout.per_token(r)
 
     def _draw(self, rng: StepRNG, num_tokens: int) -> Tensor:
         """``(B, N)`` bool from exactly one ``rng.rand(num_tokens)`` draw (subclasses)."""
@@ -80,18 +102,22 @@ class BernoulliMaskParams(ZooParams):
 
     type: Literal["bernoulli"] = Field(..., description="Each token independently with probability `ratio` "
                                                         "([SF-paper] §3.3 step 2).")
-    ratio: float = Field(0.25, ge=0.0, json_schema_extra={"maximum": 0.5},
-                         description="Mask ratio R_M = expected share of tokens with the second timestep, at most "
-                                     "0.5 ([SF-paper] §3.3); [SF-paper] App. A.3: 0.25 image, 0.1 video, 0.5 audio. "
-                                     "0 = no second group (SRA).")
+    ratio: float | dict[str, float] = Field(
+        default_factory=lambda: dict(PAPER_RATIOS),
+        description="Mask ratio R_M = expected share of tokens with the second timestep, at most 0.5 ([SF-paper] "
+                    "§3.3): one number, or one per modality (default [SF-paper] App. A.3: 0.25 image, 0.1 video, "
+                    "0.5 audio). 0 = no second group (SRA).")
     full_sample_prob: float = Field(0.0, ge=0.0, le=1.0, description=_FULL_SAMPLE_DESC)
 
     @field_validator("ratio")
     @classmethod
-    def _at_most_half(cls, v: float) -> float:
-        if v > 0.5:
-            raise ValueError(f"ratio {v:g} exceeds 0.5: Self-Flow's mask ratio R_M must be <= 0.5 ([SF-paper] §3.3; "
-                             f"t and s are unsorted, so a ratio r and 1 - r describe the same groups)")
+    def _at_most_half(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        for name, r in (v.items() if isinstance(v, dict) else [("", v)]):
+            where = f" for {name!r}" if name else ""
+            if not 0.0 <= r <= 0.5:
+                raise ValueError(f"ratio {r:g}{where} is outside [0, 0.5]: Self-Flow's mask ratio R_M must be <= 0.5 "
+                                 f"([SF-paper] §3.3; t and s are unsorted, so a ratio r and 1 - r describe the same "
+                                 f"groups)")
         return v
 
 
@@ -102,7 +128,8 @@ class BernoulliMask(_TokenMaskBase):
     Params = BernoulliMaskParams
 
     def _draw(self, rng: StepRNG, num_tokens: int) -> Tensor:
-        return rng.rand(num_tokens) < self.params.ratio
+        u = rng.rand(num_tokens)                                              # (B, N)
+        return u < self.token_ratios(num_tokens).to(u.device)
 
 
 # ----------------------------------------------------------------------------------------- exact count
@@ -111,9 +138,17 @@ class ExactCountMaskParams(ZooParams):
 
     type: Literal["exact_count"] = Field(..., description="Exactly round(ratio * N) tokens per sample at the "
                                                           "positions of a fresh random permutation ([SRA-DTS]).")
-    ratio: float = Field(0.25, ge=0.0, le=1.0,
-                         description="Share of tokens with the second timestep, rounded half up to a count "
-                                     "([SRA-DTS] scripts/train.sh: 0.25, groups [0.25, 0.75]).")
+    ratio: float | dict[str, float] = Field(
+        0.25, description="Share of tokens with the second timestep, rounded half up to a count, one number or one "
+                          "per modality (counted inside each modality) ([SRA-DTS] scripts/train.sh: 0.25).")
+
+    @field_validator("ratio")
+    @classmethod
+    def _in_unit(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        for r in (v.values() if isinstance(v, dict) else [v]):
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"ratio {r:g} is outside [0, 1]")
+        return v
     full_sample_prob: float = Field(0.0, ge=0.0, le=1.0, description=_FULL_SAMPLE_DESC)
 
 
@@ -125,10 +160,16 @@ class ExactCountMask(_TokenMaskBase):
 
     def _draw(self, rng: StepRNG, num_tokens: int) -> Tensor:
         u = rng.rand(num_tokens)                                              # (B, N)
-        k = mask_count(self.params.ratio, num_tokens)
         m = torch.zeros_like(u, dtype=torch.bool)
-        if k > 0:
-            m.scatter_(1, u.argsort(dim=1)[:, :k], True)
+        r = self.params.ratio
+        if isinstance(r, dict) and self.layout is not None:
+            spans = [(s.start, s.length, r[s.name]) for s in self.layout.segments]
+        else:
+            spans = [(0, num_tokens, float(self.token_ratios(num_tokens)[0]))]
+        for start, length, ratio in spans:
+            k = mask_count(ratio, length)
+            if k > 0:
+                m.scatter_(1, start + u[:, start:start + length].argsort(dim=1)[:, :k], True)
         return m
 
 

@@ -225,7 +225,7 @@ class REPA(nn.Module):
         y = drop_labels(batch.y, rng, p.label_dropout, null)               # (B,) or None
         xt, target = noised(x0, x1, t)
         out = student(xt, t, y, taps=(self.align_depth,))
-        loss_flow = flow_loss(out.pred, target)
+        loss_flow, _ = flow_loss(out.pred, target)
         h = out.features[self.align_depth]                                  # (B, N, D)
         zs = self.targets(batch.raw)
         if zs and zs[0].shape[:2] != h.shape[:2]:

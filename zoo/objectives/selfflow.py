@@ -53,7 +53,8 @@ from registry.kinds import OBJECTIVES
 from zoo.core.params import ZooParams
 from zoo.core.types import LossOut, StepContext, TokenBatch
 from zoo.layers.heads import build_projector, projector_flops
-from zoo.objectives.flow_matching import draw_noise, drop_labels, flow_loss, noised, null_label_of
+from zoo.core.layout import TokenLayout
+from zoo.objectives.flow_matching import check_weights, draw_noise, drop_labels, flow_loss, noised, null_label_of
 from zoo.objectives.masks import BernoulliMaskParams, build_mask
 from zoo.objectives.timesteps import UniformTimestepsParams, build_timesteps
 
@@ -96,9 +97,9 @@ class SelfFlowParams(ZooParams):
         default_factory=lambda: UniformTimestepsParams(type="uniform"),
         description="p(t) for both t and s, in RF time ([SF-paper] App. A.2, ImageNet: uniform).")
     mask: "MaskSpec" = Field(  # noqa: F821
-        default_factory=lambda: BernoulliMaskParams(type="bernoulli", ratio=0.25),
+        default_factory=lambda: BernoulliMaskParams(type="bernoulli"),
         description="Which tokens get the second timestep s ([SF-paper] §3.3: Bernoulli per token; App. A.3 "
-                    "image ratio 0.25). Ratio 0 = one timestep per sample (SRA).")
+                    "ratio 0.25 image, 0.1 video, 0.5 audio). Ratio 0 = one timestep per sample (SRA).")
     gamma: float = Field(0.8, ge=0.0, description="Weight of L_rep in L_gen + gamma L_rep ([SF-paper] App. A.3, "
                                                   "Eq. 7: 0.8, fixed; SRA README: 0.5).")
     student_block: int | None = Field(
@@ -133,6 +134,12 @@ class SelfFlowParams(ZooParams):
     label_dropout: float = Field(0.1, ge=0.0, le=1.0,
                                  description="Probability of the null label, drawn once per sample and shared by "
                                              "student and teacher ([SF-iss#10]; SiT/REPA: 0.1).")
+    timesteps_per_modality: bool = Field(
+        False, description="Draw (t, s) separately for each modality of a sample; default false = one (t, s) pair "
+                           "shared by all modalities of a sample (method.md §2.3 joint audio+video default).")
+    modality_weights: dict[str, float] = Field(
+        default_factory=dict, description="Flow-loss weight per modality; a modality not named weighs 1. L_rep is "
+                                          "over all tokens of all modalities.")
 
     def resolve(self, spec: Any) -> "SelfFlowParams":
         """Fill ``student_block``/``teacher_block`` from ``spec.backbone.depth`` and ``projector_width`` from
@@ -157,6 +164,12 @@ class SelfFlowParams(ZooParams):
     def problems(self, spec: Any):
         """Tap blocks inside the backbone and ordered; a guided sampler needs a trained null label."""
         yield from _block_problems(self.student_block, self.teacher_block, getattr(spec.backbone, "depth", None))
+        yield from check_weights(self.modality_weights, spec)
+        ratio, names = getattr(self.mask, "ratio", None), getattr(spec.modality, "segment_names", ())
+        if isinstance(ratio, dict) and names:
+            missing = [n for n in names if n not in ratio]
+            if missing:
+                yield "objective.mask.ratio", f"no mask ratio for modality {', '.join(map(repr, missing))} (given: {sorted(ratio)})"
         if getattr(spec.sample, "cfg_scale", 1.0) != 1.0 and self.label_dropout == 0 and spec.data.num_classes > 0:
             yield ("objective.label_dropout",
                    f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
@@ -184,7 +197,7 @@ class SelfFlow(nn.Module):
     Params = SelfFlowParams
 
     def __init__(self, params: SelfFlowParams, *, hidden: int | None = None, depth: int | None = None,
-                 grid: tuple[int, ...] | None = None, **deps: Any):
+                 grid: tuple[int, ...] | None = None, layout: TokenLayout | None = None, **deps: Any):
         super().__init__()
         if hidden is None or depth is None:
             raise TypeError("objective 'selfflow' needs the deps hidden and depth (backbone width and block count); "
@@ -198,13 +211,18 @@ class SelfFlow(nn.Module):
             raise ValueError("; ".join(f"{p}: {m}" for p, m in bad))
         self.hidden, self.depth = int(hidden), int(depth)
         self.timesteps = build_timesteps(params.timesteps)
-        self.mask = build_mask(params.mask, grid=grid)
+        self.mask = build_mask(params.mask, grid=grid, layout=layout)
+        self.layout = layout
+        self.num_segments = len(layout.segments) if (layout is not None and params.timesteps_per_modality) else 1
+        self.register_buffer("segment_ids", layout.segment_ids() if layout is not None else torch.zeros(0, dtype=torch.long),
+                             persistent=False)
         self.projector = build_projector(params.projector, self.hidden, self.hidden, params.projector_width)
 
     # ------------------------------------------------------------------------------------------ pieces
     def _teacher_input(self, x0: Tensor, x1: Tensor, x_tau: Tensor, tau: Tensor, m: Tensor, t: Tensor, s: Tensor,
                        u: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher ``(x, time)``: ``x`` ``(B, N, P)``, time ``(B,)`` (``min``) or ``(B, N)`` (``sra``, ``same``)."""
+        """Teacher ``(x, time)``: ``x`` ``(B, N, P)``, time ``(B,)`` (``min``) or ``(B, N)`` (``sra``, ``same``);
+        ``t``, ``s`` ``(B, 1)`` or, per modality, ``(B, N)``."""
         mode = self.params.teacher_time
         if mode == "same":
             return x_tau, tau
@@ -212,9 +230,9 @@ class SelfFlow(nn.Module):
             t_min = tau.min(dim=1).values                                     # (B,)
             return noised(x0, x1, t_min)[0], t_min
         shift = self.params.sra_max_shift
-        t_te = (t - shift * u[:, 0]).clamp(0.0, 1.0)                          # (B,)
-        s_te = (s - shift * u[:, 1]).clamp(0.0, 1.0)
-        tau_te = torch.where(m, s_te[:, None], t_te[:, None])                 # (B, N)
+        t_te = (t - shift * u[:, :1]).clamp(0.0, 1.0)                         # (B, 1) or (B, N)
+        s_te = (s - shift * u[:, 1:]).clamp(0.0, 1.0)
+        tau_te = torch.where(m, s_te, t_te)                                   # (B, N)
         return noised(x0, x1, tau_te)[0], tau_te
 
     def rep_loss(self, z_student: Tensor, z_teacher: Tensor, tau: Tensor) -> Tensor:
@@ -238,8 +256,9 @@ class SelfFlow(nn.Module):
         p, x0, rng = self.params, batch.x0, ctx.rng
         dev = x0.device
         l, k = self.student_block, self.teacher_block
-        t = self.timesteps.sample(rng).to(dev)                                # 1: (B,)
-        s = self.timesteps.sample(rng).to(dev)                                # 2: (B,)
+        shape = (self.num_segments,) if self.num_segments > 1 else ()
+        t = self.timesteps.sample(rng, *shape).to(dev)                        # 1: (B,) or (B, S) per modality
+        s = self.timesteps.sample(rng, *shape).to(dev)                        # 2: likewise
         m = self.mask.sample(rng, x0.shape[1]).to(dev)                        # 3: (B, N) bool
         x1 = draw_noise(rng, x0)                                              # 4: (B, N, P)
         null = null_label_of(student) if batch.y is not None else -1
@@ -247,7 +266,8 @@ class SelfFlow(nn.Module):
         u = rng.rand(2).to(dev)                                               # 6: (B, 2)
         if p.sort_timesteps:
             t, s = torch.minimum(t, s), torch.maximum(t, s)
-        tau = torch.where(m, s[:, None], t[:, None])                          # (B, N)
+        t, s = (t[:, self.segment_ids], s[:, self.segment_ids]) if shape else (t[:, None], s[:, None])  # (B, N)|(B, 1)
+        tau = torch.where(m, s, t)                                            # (B, N)
         x_tau, target = noised(x0, x1, tau)
 
         kw = {"attn_mask": m[:, :, None] == m[:, None, :]} if p.attention_separation else {}  # (B, N, N)
@@ -256,11 +276,11 @@ class SelfFlow(nn.Module):
         with torch.no_grad():
             z_teacher = ctx.ema(x_te, t_te, y, taps=(k,), stop_after=k).features[k].detach()
 
-        loss_flow = flow_loss(out.pred, target)
+        loss_flow, per_modality = flow_loss(out.pred, target, self.layout, p.modality_weights)
         loss_rep = self.rep_loss(out.features[l], z_teacher, tau)
         loss = loss_flow + p.gamma * loss_rep
         return LossOut(loss=loss, metrics={"loss_flow": loss_flow.detach(), "loss_rep": loss_rep.detach(),
-                                           "mask_frac": m.float().mean()})
+                                           "mask_frac": m.float().mean(), **per_modality})
 
     def extra_forward_flops(self, backbone: nn.Module, num_tokens: int) -> float:
         """Per sample: the teacher's first ``k`` blocks (``k / depth`` of a forward) plus the projector's
