@@ -114,7 +114,7 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
     input_shape = _shape(spec.data.sample_shape())
     latent_shape = _shape(spec.autoencoder.latent_shape(input_shape))
     num_classes = int(spec.data.num_classes)
-    modality = MODALITIES.build(spec.modality, patch=getattr(spec.backbone, "patch", None), latent_shape=latent_shape,
+    modality = MODALITIES.build(spec.modality, backbone_patch=getattr(spec.backbone, "patch", None), latent_shape=latent_shape,
                                 time_step_s=time_steps(spec))
     autoencoder, teachers = None, {}
     if device.type != "meta" and load_frozen:

@@ -28,7 +28,7 @@ def _dit_unpatchify(x: torch.Tensor, p: int, c: int, h: int, w: int) -> torch.Te
 @given(b=st.integers(1, 3), c=st.integers(1, 4), p=st.sampled_from([1, 2, 4]), h=st.integers(1, 4),
        w=st.integers(1, 4))
 def test_round_trip_and_dit_order(b, c, p, h, w):
-    mod = ImageModality(PARAMS, patch=p, latent_shape=(c, h * p, w * p))
+    mod = ImageModality(PARAMS, backbone_patch=p, latent_shape=(c, h * p, w * p))
     assert mod.grid == (h, w) and mod.token_dim == c * p * p and mod.num_tokens == h * w
     z = torch.randn(b, c, h * p, w * p)
     tokens = mod.to_tokens(z)
@@ -39,7 +39,7 @@ def test_round_trip_and_dit_order(b, c, p, h, w):
 
 def test_token_layout_formula():
     c, p, h, w = 3, 2, 2, 3
-    mod = ImageModality(PARAMS, patch=p, latent_shape=(c, h * p, w * p))
+    mod = ImageModality(PARAMS, backbone_patch=p, latent_shape=(c, h * p, w * p))
     z = torch.arange(c * h * p * w * p, dtype=torch.float32).reshape(1, c, h * p, w * p)
     tok = mod.to_tokens(z)
     for i in range(h):
@@ -60,7 +60,7 @@ def test_layout_without_tensors():
 
 
 def test_shape_errors():
-    mod = MODALITIES.build(PARAMS, patch=2, latent_shape=(4, 8, 8))
+    mod = MODALITIES.build(PARAMS, backbone_patch=2, latent_shape=(4, 8, 8))
     assert isinstance(mod, Modality)
     with pytest.raises(ValueError):
         mod.to_tokens(torch.zeros(1, 4, 8, 6))

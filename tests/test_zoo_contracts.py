@@ -14,7 +14,7 @@ from PIL import Image
 
 import zoo  # noqa: F401
 from registry.kinds import (ATTENTION, AUTOENCODERS, BACKBONES, DATASETS, LR_SCHEDULES, MASKS, METRICS,
-                            MODALITIES, OBJECTIVES, SOLVERS, TEACHERS, TIMESTEPS)
+                            MODALITIES, OBJECTIVES, POSITIONS, SOLVERS, TEACHERS, TIMESTEPS)
 from zoo.core import protocols
 from zoo.core.types import StepContext, StepRNG, TokenBatch
 
@@ -25,6 +25,21 @@ def _image_folder(tmp: Path) -> dict:
         for i in range(2):
             Image.new("RGB", (20, 24), (40 * c, 30 * i, 200)).save(tmp / f"class{c}" / f"{i}.png")
     return {"root": str(tmp), "num_classes": 3}
+
+
+def _media_folder(tmp: Path, kind: str) -> dict:
+    """2 classes x 1 file: a 6-frame 8 fps MP4 (with 8 kHz sound for av_folder) or a 0.3 s 8 kHz WAV."""
+    import numpy as np
+
+    from zoo.media import write_mp4, write_wav
+    for c in range(2):
+        if kind == "audio":
+            write_wav(tmp / f"class{c}" / "0.wav", np.full(2400, 0.1 * (c + 1), np.float32), 8000)
+        else:
+            video = np.full((6, 12, 14, 3), 60 * (c + 1), np.uint8)
+            audio = np.full(6000, 0.2, np.float32) if kind == "av" else None
+            write_mp4(tmp / f"class{c}" / "0.mp4", video, 8, audio, 8000 if kind == "av" else None)
+    return {"root": str(tmp), "num_classes": 2}
 
 
 def _diffusers_vae(tmp: Path) -> dict:
@@ -38,18 +53,31 @@ def _diffusers_vae(tmp: Path) -> dict:
 
 REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag -> fields an entry cannot exist without
     "image_folder": _image_folder,
+    "video_folder": lambda tmp: _media_folder(tmp, "video"),
+    "audio_folder": lambda tmp: _media_folder(tmp, "audio"),
+    "av_folder": lambda tmp: _media_folder(tmp, "av"),
     "diffusers": _diffusers_vae,
     "shifted": lambda tmp: {"shift": 3.0},
     "linear_probe": lambda tmp: {"block": 2, "num_train": 100, "num_test": 50},
     "repa": lambda tmp: {"encoders": ["t"]},
-    "vit": lambda tmp: {"weights": None},  # random init: allowed for tests only (specs must name a file)
+    "vit": lambda tmp: {"weights": None},
+    "streams": lambda tmp: {"parts": {"video": {"type": "identity"}, "audio": {"type": "stft", "n_fft": 32}}},  # random init: allowed for tests only (specs must name a file)
 }
 
 
 # Per-tag examples for entries that do not take the default image-shaped inputs of the contracts below.
 # Shapes are one sample's; a dict means a multi-stream sample (e.g. {"video": ..., "audio": ...}).
-AUTOENCODER_INPUT: dict[str, Any] = {}    # tag -> input shape (default (3, 16, 16))
-MODALITY_EXAMPLE: dict[str, Callable[[], dict]] = {}  # tag -> build deps (default patch=2, latent_shape=(3, 8, 12))
+AUTOENCODER_INPUT: dict[str, Any] = {    # tag -> input shape (default (3, 16, 16))
+    "waveform": (1, 256),
+    "stft": (1, 256),
+    "streams": {"video": (1, 4, 8, 8), "audio": (1, 256)},
+}
+MODALITY_EXAMPLE: dict[str, Callable[[], dict]] = {  # tag -> build deps (default backbone_patch=2, latent (3, 8, 12))
+    "video": lambda: {"backbone_patch": 2, "latent_shape": (3, 4, 8, 12), "time_step_s": 0.125},
+    "audio": lambda: {"backbone_patch": 3, "latent_shape": (4, 25), "time_step_s": 0.01},
+    "audio_video": lambda: {"latent_shape": {"video": (1, 4, 8, 8), "audio": (6, 30)},
+                            "time_step_s": {"video": 0.125, "audio": 0.01}},
+}
 METRIC_DATA: dict[str, Callable[[], Any]] = {}        # tag -> data params to evaluate on (default digits tiny)
 
 
@@ -203,7 +231,7 @@ def test_autoencoder_contract(tag, tmp_path):
 
 @pytest.mark.parametrize("tag", entries(MODALITIES))
 def test_modality_contract(tag, tmp_path):
-    deps = MODALITY_EXAMPLE.get(tag, lambda: {"patch": 2, "latent_shape": (3, 8, 12)})()
+    deps = MODALITY_EXAMPLE.get(tag, lambda: {"backbone_patch": 2, "latent_shape": (3, 8, 12)})()
     mod = MODALITIES.build(params_for(MODALITIES, tag, tmp_path), **deps)
     z = random_like(deps["latent_shape"], 2)
     tok = mod.to_tokens(z)
@@ -262,3 +290,14 @@ def _leaves(x: Any) -> list:
 
 def shape_of_sample(x: Any) -> Any:
     return {k: tuple(v.shape) for k, v in x.items()} if isinstance(x, dict) else tuple(x.shape)
+
+
+@pytest.mark.parametrize("tag", entries(POSITIONS))
+def test_position_contract(tag, tmp_path):
+    pos = POSITIONS.build(params_for(POSITIONS, tag, tmp_path), head_dim=24)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 6, 3, 24, generator=g), torch.randn(2, 6, 3, 24, generator=g)
+    rq, rk = pos.apply(q, k, *pos.angles(torch.randn(6, 3, generator=g) * 4))
+    assert rq.shape == q.shape and rk.shape == k.shape and rq.dtype == q.dtype
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # rotations keep each head's norm
+    assert torch.allclose(rk.norm(dim=-1), k.norm(dim=-1), atol=1e-5)

@@ -52,7 +52,7 @@ class Attention(Protocol):
 
 @runtime_checkable
 class Modality(Protocol):
-    """deps: ``patch: int | None`` (the backbone's, if it has one), ``latent_shape`` (a tuple, or a dict of
+    """deps: ``backbone_patch: int | None`` (the backbone's patch size, if it has one), ``latent_shape`` (a tuple, or a dict of
     tuples per stream) and ``time_step_s`` (seconds per latent time step, per stream; for media).
     Layout between latents and tokens; ``layout`` (:class:`zoo.core.layout.TokenLayout`) names the
     segments and token coordinates, ``token_dim == layout.token_dim``."""

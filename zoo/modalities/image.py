@@ -8,7 +8,7 @@ The latent is cut into ``p x p`` patches on an ``h x w = (H / p) x (W / p)`` gri
 
 Example::
 
-    mod = ImageModality(ImageModalityParams(type="image"), patch=2, latent_shape=(4, 32, 32))
+    mod = ImageModality(ImageModalityParams(type="image"), backbone_patch=2, latent_shape=(4, 32, 32))
     tokens = mod.to_tokens(z)          # (B, 256, 16)
     z == mod.from_tokens(tokens)       # exact inverse
 """
@@ -28,6 +28,8 @@ class ImageModalityParams(ZooParams):
     """Image latents ``(C, H, W)`` split into ``p x p`` patch tokens (p = ``backbone.patch``)."""
 
     type: Literal["image"] = Field(..., description="Image latents (C, H, W) as p x p patch tokens, (ph, pw, c) order.")
+    patch: int | None = Field(None, gt=0, description="Patch size p; null = backbone.patch (backbones without one, "
+                                                      "e.g. mmdit, need it here).")
 
     segment_names: ClassVar[tuple[str, ...]] = ("image",)
 
@@ -48,9 +50,11 @@ class ImageModalityParams(ZooParams):
         if len(latent) != 3:
             yield "data", f"modality 'image' needs a 3-D latent (C, H, W); the data/autoencoder give {latent}"
             return
-        patch = getattr(spec.backbone, "patch", None)
-        if patch is not None and (latent[1] % patch or latent[2] % patch):
-            yield ("backbone.patch",
+        patch = self.patch or getattr(spec.backbone, "patch", None)
+        if patch is None:
+            yield "modality.patch", f"backbone {spec.backbone.type!r} has no patch size; set modality.patch"
+        elif latent[1] % patch or latent[2] % patch:
+            yield ("modality.patch" if self.patch else "backbone.patch",
                    f"patch {patch} does not divide the latent height/width {latent[1]}x{latent[2]} (latent {latent})")
 
 
@@ -60,7 +64,7 @@ class ImageModality(nn.Module):
 
     Args:
         params: :class:`ImageModalityParams`.
-        patch: ``p``.
+        backbone_patch: ``p`` when the params give none (the backbone's patch size).
         latent_shape: ``(C, H, W)``.
 
     Attributes: ``token_dim`` ``P = C p^2``, ``grid`` ``(H / p, W / p)``, ``num_tokens`` ``N``, ``layout``.
@@ -68,8 +72,12 @@ class ImageModality(nn.Module):
 
     Params = ImageModalityParams
 
-    def __init__(self, params: ImageModalityParams, *, patch: int, latent_shape: tuple[int, ...], **deps: Any):
+    def __init__(self, params: ImageModalityParams, *, latent_shape: tuple[int, ...], backbone_patch: int | None = None,
+                 **deps: Any):
         super().__init__()
+        patch = params.patch or backbone_patch
+        if patch is None:
+            raise ValueError("modality 'image' needs a patch size: modality.patch or the backbone's")
         self.params = params
         self.grid, self.token_dim = params.layout(latent_shape, patch)
         self.patch = int(patch)

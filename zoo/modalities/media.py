@@ -183,16 +183,16 @@ class _MediaModality(nn.Module):
 
 @MODALITIES.register
 class VideoModality(_MediaModality):
-    """``to_tokens`` ``(B, C, T, H, W)`` -> ``(B, N, P)``; ``from_tokens`` the inverse. deps: ``patch`` (the
-    backbone's, used when the params give none), ``latent_shape`` ``(C, T, H, W)``, ``time_step_s``."""
+    """``to_tokens`` ``(B, C, T, H, W)`` -> ``(B, N, P)``; ``from_tokens`` the inverse. deps: ``backbone_patch``
+    (used when the params give none), ``latent_shape`` ``(C, T, H, W)``, ``time_step_s``."""
 
     Params = VideoModalityParams
 
-    def __init__(self, params: VideoModalityParams, *, latent_shape: Any, patch: int | None = None,
+    def __init__(self, params: VideoModalityParams, *, latent_shape: Any, backbone_patch: int | None = None,
                  time_step_s: Any = None, **deps: Any):
         super().__init__()
         self.params = params
-        self.parts = {"video": _VideoTokens(params.resolved_patch(patch), tuple(_stream(latent_shape, "video")),
+        self.parts = {"video": _VideoTokens(params.resolved_patch(backbone_patch), tuple(_stream(latent_shape, "video")),
                                             _stream(time_step_s, "video"))}
         self._finish()
 
@@ -210,11 +210,11 @@ class AudioModality(_MediaModality):
 
     Params = AudioModalityParams
 
-    def __init__(self, params: AudioModalityParams, *, latent_shape: Any, patch: int | None = None,
+    def __init__(self, params: AudioModalityParams, *, latent_shape: Any, backbone_patch: int | None = None,
                  time_step_s: Any = None, **deps: Any):
         super().__init__()
         self.params = params
-        self.parts = {"audio": _AudioTokens(params.resolved_patch(patch), tuple(_stream(latent_shape, "audio")),
+        self.parts = {"audio": _AudioTokens(params.resolved_patch(backbone_patch), tuple(_stream(latent_shape, "audio")),
                                             _stream(time_step_s, "audio"))}
         self._finish()
 

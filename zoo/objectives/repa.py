@@ -87,6 +87,14 @@ class REPAParams(ZooParams):
         return self.model_copy(update={"align_depth": default_align_depth(int(depth))})
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
+        names = tuple(getattr(spec.modality, "segment_names", ("image",)))
+        if names != ("image",):
+            yield ("objective.type",
+                   f"REPA aligns image tokens to image encoders, and no encoder is registered for the "
+                   f"{' + '.join(names)} tokens of modality {spec.modality.type!r}; use objective 'selfflow' (no "
+                   f"external encoder) or 'flow_matching' here (method.md §9.11: external alignment is a baseline "
+                   f"for video/audio)")
+            return
         known = sorted(spec.teachers)
         if not self.encoders:
             yield "objective.encoders", "REPA needs at least one encoder (a name under `teachers`)"

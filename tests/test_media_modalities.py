@@ -1,0 +1,208 @@
+"""Media token layouts (zoo/modalities/media.py), the fixed audio autoencoders (zoo/autoencoders/audio.py,
+streams.py), per-modality masks / timesteps / loss weights of the objectives."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import zoo  # noqa: F401
+from registry.kinds import AUTOENCODERS, MASKS, MODALITIES
+from zoo.core.layout import Segment, TokenLayout
+from zoo.core.types import StepRNG
+from zoo.objectives.flow_matching import flow_loss
+from zoo.objectives.masks import mask_count
+
+
+def modality(tag, **kw):
+    deps = {k: kw.pop(k) for k in ("latent_shape", "time_step_s") if k in kw}
+    return MODALITIES.build(MODALITIES.get(tag).Params.model_validate({"type": tag, **kw}), **deps)
+
+
+def av_modality(video=(1, 8, 8, 8), audio=(10, 13), vp=(2, 4, 4), ap=3, steps=None):
+    return modality("audio_video", video_patch=vp, audio_patch=ap, latent_shape={"video": video, "audio": audio},
+                    time_step_s=steps or {"video": 1 / 8, "audio": 0.02})
+
+
+# ------------------------------------------------------------------------------------------ round trips
+@settings(deadline=None, max_examples=25)
+@given(st.integers(1, 3), st.sampled_from([(1, 1, 1), (2, 2, 2), (4, 4, 2), (1, 8, 4)]), st.integers(1, 3))
+def test_video_round_trip(c, patch, k):
+    shape = (c, 4 * k, 8, 8)
+    mod = modality("video", patch=patch, latent_shape=shape, time_step_s=0.125)
+    z = torch.randn(2, *shape)
+    tok = mod.to_tokens(z)
+    assert tok.shape == (2, math.prod(mod.grid), c * math.prod(patch))
+    assert torch.equal(mod.from_tokens(tok), z)
+
+
+def test_video_token_order_is_documented():
+    mod = modality("video", patch=(2, 2, 2), latent_shape=(3, 4, 4, 6))
+    z = torch.randn(1, 3, 4, 4, 6)
+    tok = mod.to_tokens(z)
+    (t, h, w), (pt, ph, pw), C = mod.grid, (2, 2, 2), 3
+    for (i, j, k, dt, dh, dw, c) in [(1, 0, 2, 1, 0, 1, 2), (0, 1, 1, 0, 1, 0, 0)]:
+        assert tok[0, (i * h + j) * w + k, ((dt * ph + dh) * pw + dw) * C + c] == z[0, c, i * pt + dt, j * ph + dh, k * pw + dw]
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.integers(1, 6), st.integers(1, 40), st.integers(1, 7))
+def test_audio_round_trip_with_padding(c, length, patch):
+    mod = modality("audio", patch=patch, latent_shape=(c, length), time_step_s=0.01)
+    z = torch.randn(3, c, length)
+    tok = mod.to_tokens(z)
+    assert tok.shape == (3, math.ceil(length / patch), c * patch)
+    assert torch.equal(mod.from_tokens(tok), z)
+
+
+def test_joint_round_trip_and_padding():
+    mod = av_modality()
+    z = {"video": torch.randn(2, 1, 8, 8, 8), "audio": torch.randn(2, 10, 13)}
+    tok = mod.to_tokens(z)
+    lay = mod.layout
+    assert lay.names == ("video", "audio") and tok.shape == (2, lay.num_tokens, lay.token_dim)
+    v, a = lay.segment("video"), lay.segment("audio")
+    assert (v.length, v.token_dim, a.length, a.token_dim) == (4 * 2 * 2, 32, 5, 30)
+    assert (tok[:, a.tokens, a.token_dim:] == 0).all()
+    back = mod.from_tokens(tok)
+    assert all(torch.equal(back[k], z[k]) for k in z)
+
+
+def test_joint_media_round_trip_through_stft():
+    """media -> latents -> tokens -> latents -> media is the identity for the joint layout."""
+    ae = AUTOENCODERS.build(AUTOENCODERS.get("streams").Params.model_validate(
+        {"type": "streams", "parts": {"video": {"type": "identity"}, "audio": {"type": "stft", "n_fft": 32}}}))
+    x = {"video": torch.rand(2, 1, 4, 8, 8) * 2 - 1, "audio": torch.rand(2, 1, 256) * 2 - 1}
+    shapes = ae.params.latent_shape({"video": (1, 4, 8, 8), "audio": (1, 256)})
+    assert shapes == {"video": (1, 4, 8, 8), "audio": (34, 33)}
+    mod = av_modality(video=shapes["video"], audio=shapes["audio"], vp=(1, 4, 4), ap=4)
+    out = ae.decode(mod.from_tokens(mod.to_tokens(ae.encode(x))))
+    assert torch.equal(out["video"], x["video"])
+    assert torch.allclose(out["audio"], x["audio"], atol=1e-5)
+
+
+def test_shared_time_coordinates():
+    """A video frame and the audio at the same instant get the same time coordinate (seconds)."""
+    fps, sr, hop = 8, 4000, 50
+    mod = av_modality(video=(1, 16, 8, 8), audio=(10, 161), vp=(1, 4, 4), ap=1,
+                      steps={"video": 1 / fps, "audio": hop / sr})
+    lay = mod.layout
+    v, a = lay.coords[lay.segment("video").tokens], lay.coords[lay.segment("audio").tokens]
+    assert torch.allclose(v[:4, 0], torch.zeros(4)) and v[4, 0] == pytest.approx(1 / fps)
+    assert (a[:, 1:] == 0).all()
+    for frame in (0, 3, 15):  # audio frame j is centred at j * hop / sr seconds
+        j = round(frame / fps * sr / hop)
+        assert a[j, 0].item() == pytest.approx(v[frame * 4, 0].item(), abs=1e-6)
+
+
+def test_patch_errors_name_the_axis():
+    with pytest.raises(ValueError, match="height 8 is not divisible by patch 3"):
+        modality("video", patch=(1, 3, 3), latent_shape=(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="video and audio"):
+        modality("audio_video", latent_shape=(1, 4, 8, 8))
+
+
+# --------------------------------------------------------------------------------------- autoencoders
+@pytest.mark.parametrize("n_fft,hop", [(64, None), (64, 32), (128, 16)])
+def test_stft_is_invertible(n_fft, hop):
+    ae = AUTOENCODERS.build(AUTOENCODERS.get("stft").Params(type="stft", n_fft=n_fft, hop=hop, scale=2.0))
+    length = 40 * ae.hop
+    x = torch.rand(3, 1, length) * 2 - 1
+    z = ae.encode(x)
+    assert tuple(z.shape[1:]) == ae.params.latent_shape((1, length)) == (n_fft + 2, length // ae.hop + 1)
+    assert torch.allclose(ae.decode(z), x, atol=1e-5)
+    assert ae.params.time_stride((1, length)) == ae.hop
+
+
+def test_stft_rejects_bad_lengths_and_hops():
+    with pytest.raises(ValueError, match="multiple of hop"):
+        AUTOENCODERS.get("stft").Params(type="stft", n_fft=64).latent_shape((1, 1001))
+    with pytest.raises(Exception, match="invertible"):
+        AUTOENCODERS.get("stft").Params(type="stft", n_fft=64, hop=40)
+
+
+def test_streams_autoencoder_checks_streams():
+    p = AUTOENCODERS.get("streams").Params.model_validate({"type": "streams", "parts": {"video": {"type": "identity"}}})
+    with pytest.raises(ValueError, match="do not match"):
+        p.latent_shape({"video": (1, 4, 8, 8), "audio": (1, 100)})
+
+
+# -------------------------------------------------------------------------------- per-modality masks
+def layout_of(n_video, n_audio, p=4):
+    return TokenLayout((Segment("video", 0, n_video, p, (n_video,)), Segment("audio", n_video, n_audio, p, (n_audio,))),
+                       torch.zeros(n_video + n_audio, 3))
+
+
+def build_mask(tag, layout, **kw):
+    return MASKS.build(MASKS.get(tag).Params.model_validate({"type": tag, **kw}), grid=(layout.num_tokens,), layout=layout)
+
+
+def test_bernoulli_rate_per_modality():
+    lay = layout_of(200, 100)
+    m = build_mask("bernoulli", lay).sample(StepRNG(0, 0, 0, 0, 400, 400), lay.num_tokens)  # paper defaults
+    vid, aud = m[:, :200].float().mean().item(), m[:, 200:].float().mean().item()
+    assert abs(vid - 0.1) < 5 * math.sqrt(0.09 / 80000) and abs(aud - 0.5) < 5 * math.sqrt(0.25 / 40000)
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.integers(1, 60), st.integers(1, 60), st.floats(0, 1), st.floats(0, 1), st.integers(1, 5), st.integers(0, 999))
+def test_exact_count_per_modality(nv, na, rv, ra, b, seed):
+    lay = layout_of(nv, na)
+    m = build_mask("exact_count", lay, ratio={"video": rv, "audio": ra}).sample(StepRNG(seed, 0, 0, 0, b, b), nv + na)
+    assert (m[:, :nv].sum(1) == mask_count(rv, nv)).all() and (m[:, nv:].sum(1) == mask_count(ra, na)).all()
+
+
+def test_mask_ratio_must_name_every_modality():
+    with pytest.raises(KeyError, match="audio"):
+        build_mask("bernoulli", layout_of(4, 4), ratio={"video": 0.1}).sample(StepRNG(0, 0, 0, 0, 2, 2), 8)
+    with pytest.raises(Exception, match="0.5"):
+        MASKS.get("bernoulli").Params.model_validate({"type": "bernoulli", "ratio": {"audio": 0.7}})
+
+
+# ------------------------------------------------------------------------------------ loss weighting
+def test_flow_loss_per_modality_ignores_padding():
+    lay = TokenLayout((Segment("video", 0, 3, 4, (3,)), Segment("audio", 3, 2, 2, (2,))), torch.zeros(5, 3))
+    pred, target = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    loss, parts = flow_loss(pred, target, lay, {"audio": 0.5})
+    v = (pred[:, :3] - target[:, :3]).square().mean()
+    a = (pred[:, 3:, :2] - target[:, 3:, :2]).square().mean()
+    assert torch.allclose(loss, v + 0.5 * a) and torch.allclose(parts["loss_flow_audio"], a)
+    target2 = target.clone()
+    target2[:, 3:, 2:] += 100.0  # padding channels carry no loss
+    assert torch.equal(flow_loss(pred, target2, lay, {"audio": 0.5})[0], loss)
+
+
+@pytest.mark.parametrize("per_modality", [False, True])
+def test_selfflow_timesteps_shared_or_per_modality(per_modality, monkeypatch):
+    from zoo.objectives.selfflow import SelfFlow, SelfFlowParams
+
+    lay = layout_of(6, 5)
+    seen = {}
+
+    class Net(torch.nn.Module):
+        null_label, depth, hidden = 3, 4, 8
+
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 8)
+
+        def forward(self, x, t, y, taps=(), stop_after=None, attn_mask=None):
+            from zoo.core.types import BackboneOut
+            seen.setdefault("t", t)
+            h = self.lin(x)
+            return BackboneOut(None if stop_after else x * 0 + h.sum(-1, keepdim=True), {k: h for k in taps})
+
+    obj = SelfFlow(SelfFlowParams(type="selfflow", timesteps_per_modality=per_modality,
+                                  mask={"type": "bernoulli", "ratio": {"video": 0.5, "audio": 0.5}}),
+                   hidden=8, depth=4, layout=lay)
+    from zoo.core.types import StepContext, TokenBatch
+    net = Net()
+    obj(net, TokenBatch(torch.randn(64, 11, 4)), StepContext(0, StepRNG(0, 0, 0, 0, 64, 64), ema=Net()))
+    tau = seen["t"]                                           # (B, N): each token at t or s
+    assert all(tau[b, :6].unique().numel() <= 2 and tau[b, 6:].unique().numel() <= 2 for b in range(64))
+    shared = torch.tensor([set(tau[b, :6].tolist()) | set(tau[b, 6:].tolist()) == set(tau[b].tolist()) and
+                           len(set(tau[b].tolist())) <= 2 for b in range(64)])
+    assert shared.all() if not per_modality else not shared.all()
