@@ -78,7 +78,10 @@ MODALITY_EXAMPLE: dict[str, Callable[[], dict]] = {  # tag -> build deps (defaul
     "audio_video": lambda: {"latent_shape": {"video": (1, 4, 8, 8), "audio": (6, 30)},
                             "time_step_s": {"video": 0.125, "audio": 0.01}},
 }
-METRIC_DATA: dict[str, Callable[[], Any]] = {}        # tag -> data params to evaluate on (default digits tiny)
+METRIC_DATA: dict[str, Callable[[], Any]] = {        # tag -> data params to evaluate on (default digits tiny)
+    **{tag: (lambda: DATASETS.get("bouncing_digits_av").Params(type="bouncing_digits_av", preset="tiny"))
+       for tag in ("av_agreement", "av_sync_ms", "video_class_accuracy", "audio_class_accuracy")},
+}
 
 
 def random_like(shape: Any, batch: int) -> Any:
