@@ -119,7 +119,7 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
     autoencoder, teachers = None, {}
     if device.type != "meta" and load_frozen:
         autoencoder = AUTOENCODERS.build(spec.autoencoder).to(device).eval().requires_grad_(False)
-        teachers = {name: TEACHERS.build(p, input_shape=input_shape, token_grid=tuple(modality.grid))
+        teachers = {name: TEACHERS.build(p, input_shape=teacher_input_shape(input_shape), token_grid=tuple(modality.grid))
                     .to(device).eval().requires_grad_(False) for name, p in spec.teachers.items()} if load_teachers else {}
 
     bb_params = spec.backbone
@@ -141,6 +141,12 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
         autoencoder=autoencoder, teachers=teachers, modality=modality, train_module=train_module, ema=ema,
         solver=SOLVERS.build(spec.solver), attention=bb_params.attention.type,
     )
+
+
+def teacher_input_shape(input_shape: Any) -> tuple[int, ...]:
+    """What an image encoder sees of one sample: the image, or one video frame ``(C, H, W)``."""
+    shape = input_shape.get("video", input_shape) if isinstance(input_shape, dict) else input_shape
+    return (shape[0], *shape[2:]) if len(shape) == 4 else tuple(shape)
 
 
 def _shape(shape: Any) -> Any:

@@ -106,14 +106,14 @@ def test_patch_errors_name_the_axis():
 
 
 # --------------------------------------------------------------------------------------- autoencoders
-@pytest.mark.parametrize("n_fft,hop", [(64, None), (64, 32), (128, 16)])
-def test_stft_is_invertible(n_fft, hop):
-    ae = AUTOENCODERS.build(AUTOENCODERS.get("stft").Params(type="stft", n_fft=n_fft, hop=hop, scale=2.0))
+@pytest.mark.parametrize("n_fft,hop,power", [(64, None, 1.0), (64, 32, 0.5), (128, 16, 0.3)])
+def test_stft_is_invertible(n_fft, hop, power):
+    ae = AUTOENCODERS.build(AUTOENCODERS.get("stft").Params(type="stft", n_fft=n_fft, hop=hop, scale=2.0, power=power))
     length = 40 * ae.hop
     x = torch.rand(3, 1, length) * 2 - 1
     z = ae.encode(x)
     assert tuple(z.shape[1:]) == ae.params.latent_shape((1, length)) == (n_fft + 2, length // ae.hop + 1)
-    assert torch.allclose(ae.decode(z), x, atol=1e-5)
+    assert torch.allclose(ae.decode(z), x, atol=2e-5)
     assert ae.params.time_stride((1, length)) == ae.hop
 
 
@@ -206,3 +206,46 @@ def test_selfflow_timesteps_shared_or_per_modality(per_modality, monkeypatch):
     shared = torch.tensor([set(tau[b, :6].tolist()) | set(tau[b, 6:].tolist()) == set(tau[b].tolist()) and
                            len(set(tau[b].tolist())) <= 2 for b in range(64)])
     assert shared.all() if not per_modality else not shared.all()
+
+
+# ---------------------------------------------------------------------------------- REPA on video
+def _repa_raw(spec_name: str) -> dict:
+    import json
+    from tests.helpers import SPECS
+
+    raw = json.loads((SPECS / spec_name).read_text())
+    raw["teachers"] = {"digits": {"type": "classifier"}}
+    raw["objective"] = {"type": "repa"}
+    return raw
+
+
+def test_repa_aligns_video_frame_by_frame():
+    from zoo.objectives.repa import REPA, REPAParams
+
+    lay = TokenLayout((Segment("video", 0, 8, 16, (2, 2, 2)),), torch.zeros(8, 3))
+    tp = {"t": type("TP", (), {"feature_dim": 5})()}
+    obj = REPA(REPAParams(type="repa", encoders=["t"], align_depth=1), hidden=8, depth=2, teacher_params=tp, layout=lay)
+    video = torch.arange(4.0).view(1, 1, 4, 1, 1).expand(2, 1, 4, 4, 4)     # frame k holds the value k
+    frames = obj.frames({"video": video, "audio": torch.zeros(2, 1, 10)})
+    assert frames.shape == (4, 1, 4, 4) and obj.grid == (2, 2)
+    assert frames[:, 0, 0, 0].tolist() == [1.0, 3.0, 1.0, 3.0]              # centre frame of each token time step
+
+
+def test_repa_refuses_audio_only_and_runs_on_audio_video(tmp_path):
+    import json
+
+    from registry.errors import SpecError
+    from registry.spec import validate
+    from runtime import run as run_cli
+    from runtime.tracking import read_jsonl
+
+    with pytest.raises(SpecError, match="no encoder is registered for the audio tokens"):
+        validate(_repa_raw("selfflow_audio.json"))
+    spec = tmp_path / "repa_av.json"
+    spec.write_text(json.dumps(_repa_raw("selfflow_av.json")))
+    sets = ["train.steps=2", "train.warmup_steps=1", "train.batch_size=4", "eval.at_end=false", "log.every=1",
+            "log.progress=false", "sample.n=2", "solver.steps=2", "backbone.hidden=32", "data.length=32"]
+    argv = [str(spec), "--out", str(tmp_path / "run")] + [a for s in sets for a in ("--set", s)]
+    assert run_cli.main(argv) == 0
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(0 < r["loss_rep"] < 2 and math.isfinite(r["loss"]) for r in rows)

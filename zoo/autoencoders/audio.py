@@ -7,7 +7,7 @@ short-time Fourier transform:
 * ``waveform``: latent = ``scale * x`` ``(1, L)``; the ``audio`` modality cuts it into patches of samples.
 * ``stft``: latent ``(2F, L / hop + 1)``, ``F = n_fft / 2 + 1``: channels ``0 .. F - 1`` hold the real parts and
   ``F .. 2F - 1`` the imaginary parts of a Hann-windowed, orthonormally scaled (``normalized=True``) centred
-  STFT, times ``scale``; decoding is ``torch.istft`` with the same window and the clip length
+  STFT, optionally magnitude-compressed (``c -> c |c|^(power - 1)``), times ``scale``; decoding is ``torch.istft`` with the same window and the clip length
   ``hop * (frames - 1)``, so ``decode(encode(x)) == x`` up to float rounding. Frame ``j`` is centred at sample
   ``j * hop``, so one latent time step is ``hop`` samples (``time_stride``).
 """
@@ -68,7 +68,11 @@ class STFTParams(ZooParams):
     n_fft: int = Field(128, ge=8, description="FFT size (window length); F = n_fft / 2 + 1 frequency bins.")
     hop: int | None = Field(None, gt=0, description="Hop in samples; null = n_fft / 4 (75 % overlap, exactly "
                                                     "invertible with a Hann window).")
-    scale: float = Field(1.0, gt=0, description="Latent = scale * STFT coefficients.")
+    power: float = Field(1.0, gt=0, le=1.0, description="Magnitude compression: each coefficient c becomes "
+                                                          "c |c|^(power - 1) (phase kept, |c| -> |c|^power), exactly "
+                                                          "invertible; 1 = none, 0.5 = the compressed spectrum of speech "
+                                                          "enhancement (lifts quiet bins, shrinks decoding errors in silence).")
+    scale: float = Field(1.0, gt=0, description="Latent = scale * (compressed) STFT coefficients.")
 
     @model_validator(mode="after")
     def _check(self) -> "STFTParams":
@@ -123,6 +127,8 @@ class STFT(nn.Module):
             raise ValueError(f"stft: expected mono audio (B, 1, L); got {tuple(x.shape)}")
         spec = torch.stft(x[:, 0].float(), self.n_fft, self.hop, window=self.window, center=True,
                           normalized=True, return_complex=True)                   # (B, F, frames)
+        if self.params.power != 1.0:
+            spec = spec * spec.abs().clamp_min(1e-12).pow(self.params.power - 1.0)
         return torch.cat([spec.real, spec.imag], dim=1) * self.params.scale
 
     def decode(self, z: Tensor) -> Tensor:
@@ -130,6 +136,8 @@ class STFT(nn.Module):
             raise ValueError(f"stft: expected latents (B, {2 * self.bins}, frames); got {tuple(z.shape)}")
         z = z.float() / self.params.scale
         spec = torch.complex(z[:, : self.bins], z[:, self.bins:])
+        if self.params.power != 1.0:
+            spec = spec * spec.abs().clamp_min(1e-12).pow(1.0 / self.params.power - 1.0)
         length = self.hop * (z.shape[-1] - 1)
         x = torch.istft(spec, self.n_fft, self.hop, window=self.window, center=True, normalized=True, length=length)
         return x[:, None]

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from registry.errors import closest
 from registry.kinds import OBJECTIVES
+from zoo.core.layout import TokenLayout
 from zoo.core.params import ZooParams
 from zoo.core.types import LossOut, StepContext, TokenBatch
 from zoo.layers.heads import build_projector, projector_flops
@@ -88,12 +89,12 @@ class REPAParams(ZooParams):
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
         names = tuple(getattr(spec.modality, "segment_names", ("image",)))
-        if names != ("image",):
+        if "image" not in names and "video" not in names:
             yield ("objective.type",
-                   f"REPA aligns image tokens to image encoders, and no encoder is registered for the "
-                   f"{' + '.join(names)} tokens of modality {spec.modality.type!r}; use objective 'selfflow' (no "
-                   f"external encoder) or 'flow_matching' here (method.md §9.11: external alignment is a baseline "
-                   f"for video/audio)")
+                   f"REPA aligns image or video tokens to image encoders (frame by frame for video), and no encoder is "
+                   f"registered for the {' + '.join(names)} tokens of modality {spec.modality.type!r}; use objective "
+                   f"'selfflow' (no external encoder) or 'flow_matching' here (method.md §9.11: external alignment "
+                   f"is a baseline for video/audio)")
             return
         known = sorted(spec.teachers)
         if not self.encoders:
@@ -116,6 +117,10 @@ class REPAParams(ZooParams):
                    f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
 
     def warnings(self, spec: Any) -> Iterable[str]:
+        names = tuple(getattr(spec.modality, "segment_names", ("image",)))
+        if "audio" in names:
+            yield ("the audio tokens carry no REPA loss: no audio encoder is registered; the video tokens are aligned "
+                   "frame by frame")
         """Advice printed by ``runtime.run``: encoders whose feature grid is resampled to the token grid."""
         grid = _token_grid(spec)
         for name in self.encoders:
@@ -159,6 +164,10 @@ def match_grid(z: Tensor, src: tuple[int, ...] | None, dst: tuple[int, ...] | No
     return out.flatten(2).transpose(1, 2)
 
 
+def raw_batch(raw: Any) -> int:
+    return next(iter(raw.values())).shape[0] if isinstance(raw, dict) else raw.shape[0]
+
+
 def cosine_per_token(a: Tensor, b: Tensor) -> Tensor:
     """``cos(a, b)`` over the last dim in fp32 (autocast off): ``(B, N, F), (B, N, F)`` -> ``(B, N)``;
     ``F.normalize`` on both sides then a dot product, as [REPA-code] ``loss.py``."""
@@ -180,7 +189,7 @@ class REPA(nn.Module):
 
     def __init__(self, params: REPAParams, *, hidden: int | None = None, depth: int | None = None,
                  grid: tuple[int, ...] | None = None, teachers: dict[str, nn.Module] | None = None,
-                 teacher_params: dict[str, Any] | None = None, **deps: Any):
+                 teacher_params: dict[str, Any] | None = None, layout: TokenLayout | None = None, **deps: Any):
         super().__init__()
         if hidden is None or teacher_params is None:
             raise TypeError("objective 'repa' needs the deps hidden (backbone width) and teacher_params (the spec's "
@@ -196,6 +205,12 @@ class REPA(nn.Module):
             raise ValueError(f"objective 'repa': align_depth {self.align_depth} is outside the blocks 1..{depth}")
         self.hidden = int(hidden)
         self.grid = tuple(int(g) for g in grid) if grid is not None else None
+        self.segment = None  # the aligned tokens: all of them, or (video / joint layouts) the video segment
+        if layout is not None and "video" in layout.names:
+            self.segment = layout.segment("video")
+            self.grid = self.segment.grid[1:]                               # (h, w) of one latent frame
+        elif layout is not None and "image" not in layout.names:
+            raise ValueError(f"objective 'repa': no encoder can align the {' + '.join(layout.names)} tokens")
         self.names = list(params.encoders)
         self.teacher_params = {n: teacher_params[n] for n in self.names}
         self.teachers = {n: (teachers or {}).get(n) for n in self.names}  # plain dict: not submodules
@@ -218,10 +233,21 @@ class REPA(nn.Module):
             if teacher is None:
                 raise RuntimeError(f"objective 'repa': teacher {name!r} is not loaded (graphs built on the meta device "
                                    f"or without frozen modules have none)")
-            z = teacher.features(raw, grid=self.grid)  # the Teacher contract (zoo.core.protocols)
-            src = tuple(tp.feature_grid(tuple(raw.shape[1:]), self.grid))
-            out.append(match_grid(z.float(), src, self.grid))
+            frames = self.frames(raw) if self.segment is not None else raw
+            z = teacher.features(frames, grid=self.grid)  # the Teacher contract (zoo.core.protocols)
+            src = tuple(tp.feature_grid(tuple(frames.shape[1:]), self.grid))
+            z = match_grid(z.float(), src, self.grid)                       # (B or B t', h w, F)
+            out.append(z.reshape(raw_batch(raw), -1, z.shape[-1]))
         return out
+
+    def frames(self, raw: Any) -> Tensor:
+        """Video ``(B, C, T, H, W)`` (alone or under ``raw["video"]``) -> one frame per latent time step of the token
+        grid, the frame at the centre of its span: ``(B t', C, H, W)``, ordered like the video tokens."""
+        video = raw["video"] if isinstance(raw, dict) else raw
+        b, c, frames_in, h, w = video.shape
+        steps = self.segment.grid[0]
+        idx = ((torch.arange(steps, device=video.device) + 0.5) * frames_in / steps).long().clamp_max(frames_in - 1)
+        return video[:, :, idx].permute(0, 2, 1, 3, 4).reshape(b * steps, c, h, w)
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, student: nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut:
@@ -235,6 +261,8 @@ class REPA(nn.Module):
         out = student(xt, t, y, taps=(self.align_depth,))
         loss_flow, _ = flow_loss(out.pred, target)
         h = out.features[self.align_depth]                                  # (B, N, D)
+        if self.segment is not None:
+            h = h[:, self.segment.tokens]                                   # the video tokens
         zs = self.targets(batch.raw)
         if zs and zs[0].shape[:2] != h.shape[:2]:
             raise ValueError(f"teacher features {tuple(zs[0].shape)} do not match the student tokens {tuple(h.shape)}")

@@ -47,10 +47,10 @@ class DigitClassifierTeacherParams(ZooParams):
         return (_grid(int(input_shape[-1])),) * 2
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
-        if spec.data.type != "digits":
+        if spec.data.type not in ("digits", "bouncing_digits_av"):
             yield (spec_path(spec, self, "type"),
-                   f"teacher 'classifier' is trained on the digits generator and needs data.type 'digits', got "
-                   f"{spec.data.type!r}")
+                   f"teacher 'classifier' is trained on the digits generator and needs data.type 'digits' (or the "
+                   f"frames of 'bouncing_digits_av', which draw the same glyphs), got {spec.data.type!r}")
 
 
 @TEACHERS.register
