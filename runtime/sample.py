@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--raw", action="store_true", help="use the trained (non-EMA) weights")
     ap.add_argument("--out", type=Path, default=None,
-                    help="output PNG (default: <run>/samples/<checkpoint>_<solver>_<nfe>nfe_cfg<w>.png)")
+                    help="output PNG (default: <run>/samples/<checkpoint>_<solver>_<nfe>nfe_cfg<w>.png); clips also get "
+                         "MP4/WAV files in a folder of the same name and a GIF")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
 
@@ -130,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     # inside a run directory, next to the training samples (checkpoint directories get pruned)
     where = ck_dir.parent.parent / "samples" if ck_dir.parent.name == "checkpoints" else ck_dir
     out = args.out or where / f"{ck_dir.name}_{spec.solver.type}_{graph.solver.nfe}nfe_cfg{cfg:g}.png"
-    save_png(grid_image(images, nrow=graph.num_classes or None, scale=2), out)
+    from runtime.media_out import write_samples
+
+    rates = getattr(spec.data, "stream_rates", lambda: None)()
+    written = write_samples(images, labels, rates, out.parent, out.stem, nrow=graph.num_classes or None)
+    out = written.sheet if not written.mp4 and not written.wav else f"{written.sheet} and {out.parent / out.stem}/"
     print(f"{n} samples from {ck_dir} (step {ck.step}, {spec.solver.type}, {graph.solver.nfe} NFE, cfg {cfg:g}"
           f"{', EMA' if not args.raw else ''}) -> {out}")
     return 0

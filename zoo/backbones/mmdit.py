@@ -2,7 +2,7 @@
 
 Architecture (FLUX.2 ``Flux2``; ``S`` modality segments of the :class:`~zoo.core.layout.TokenLayout`)::
 
-    h_s = x_in[s](x[:, seg_s, :P_s]) + modality_embed[s]        # per segment (B, n_s, D)
+    h_s = x_in[s](x[:, seg_s, :P_s]) + modality_embed[s] + y_embedder(y)   # per segment (B, n_s, D)
     c = t_embedder(t) + y_embedder(y)                           # (K, D): per sample or per distinct (sample, t)
     m_s = double_mod[s](c)  (6D),  m = single_mod(c)  (3D)      # shared modulation, once per forward
     for block in double_blocks:   # own weights per segment, joint attention over all N tokens
@@ -50,6 +50,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.kinds import BACKBONES, POSITIONS
+from zoo.backbones.common import check_forward_args, conditioning
 from zoo.core.layout import TokenLayout
 from zoo.core.params import ZooParams
 from zoo.core.types import BackboneOut
@@ -313,41 +314,7 @@ class Mmdit(nn.Module):
     def _conditioning(self, t: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor | None]:
         """``c`` ``(K, D)`` and the token -> pair index ``(B, N)`` (None when ``t`` is ``(B,)``, ``K = B``);
         for ``t`` ``(B, N)`` the pairs are the distinct ``(b, t[b, i])``, sorted by ``b`` then ``t``."""
-        b = y.shape[0]
-        if t.dim() == 1 and t.shape[0] == b:
-            return self.t_embedder(t) + self.y_embedder(y), None
-        if t.dim() != 2 or tuple(t.shape) != (b, n):
-            raise ValueError(f"t must have shape (B,) = ({b},) or (B, N) = ({b}, {n}); got {tuple(t.shape)}")
-        t_vals, t_idx = torch.unique(t, return_inverse=True)                  # (U,), (B, N)
-        u = t_vals.numel()
-        keys = torch.arange(b, device=t.device)[:, None] * u + t_idx            # (B, N)
-        pairs, index = torch.unique(keys, return_inverse=True)                  # (K,), (B, N)
-        return self.t_embedder(t_vals[pairs % u]) + self.y_embedder(y[pairs // u]), index
-
-    def _check_inputs(self, x: Tensor, y: Tensor | None, taps: tuple[int, ...], stop_after: int | None,
-                      attn_mask: Tensor | None) -> Tensor:
-        """Validate the forward arguments; returns ``y`` ``(B,)`` (null labels for None)."""
-        bad = [k for k in taps if not 1 <= k <= self.depth]
-        if bad:
-            raise ValueError(f"taps {bad} are outside the blocks 1..{self.depth}")
-        if stop_after is not None:
-            if not 1 <= stop_after <= self.depth:
-                raise ValueError(f"stop_after={stop_after} is outside the blocks 1..{self.depth}")
-            late = [k for k in taps if k > stop_after]
-            if late:
-                raise ValueError(f"taps {late} lie after stop_after={stop_after}; those blocks are not run")
-        n, p = self.num_tokens, self.token_dim
-        if x.dim() != 3 or x.shape[1] != n or x.shape[2] != p:
-            raise ValueError(f"x must be (B, N, P) = (B, {n}, {p}); got {tuple(x.shape)}")
-        bsz = x.shape[0]
-        if y is None:
-            y = torch.full((bsz,), self.null_label, dtype=torch.long, device=x.device)
-        elif tuple(y.shape) != (bsz,):
-            raise ValueError(f"y must be (B,) = ({bsz},); got {tuple(y.shape)}")
-        if attn_mask is not None and (attn_mask.dtype != torch.bool or tuple(attn_mask.shape) != (bsz, n, n)):
-            raise ValueError(f"attn_mask must be bool (B, N, N) = ({bsz}, {n}, {n}); "
-                             f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
-        return y
+        return conditioning(self.t_embedder, self.y_embedder, t, y, n)
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, taps: tuple[int, ...] = (),
@@ -366,8 +333,7 @@ class Mmdit(nn.Module):
 
         Returns: ``BackboneOut(pred (B, N, P) with zero padding channels, features {k: (B, N, D)})``.
         """
-        taps = tuple(int(k) for k in taps)
-        y = self._check_inputs(x, y, taps, stop_after, attn_mask)
+        taps, y = check_forward_args(self, x, y, taps, stop_after, attn_mask)
         segs = self.layout.segments
         c, index = self._conditioning(t, y, self.num_tokens)
         idx = [None if index is None else index[:, s.tokens] for s in segs]   # (B, n_s) per segment
@@ -375,7 +341,10 @@ class Mmdit(nn.Module):
         last = self.depth if stop_after is None else stop_after
         features: dict[int, Tensor] = {}
 
-        hs = [self.x_in[s.name](x[:, s.tokens, : s.token_dim]) + self.modality_embed[s.name] for s in segs]
+        # the label embedding also enters every token directly (in-context, besides the modulation): through the
+        # modulation alone, tiny CPU runs left the labels unused (the time embedding dominated c)
+        y_tok = self.y_embedder(y)[:, None]                                    # (B, 1, D)
+        hs = [self.x_in[s.name](x[:, s.tokens, : s.token_dim]) + self.modality_embed[s.name] + y_tok for s in segs]
         h: Tensor | None = None                                                # (B, N, D) once single blocks run
         if self.num_double:
             mods = [_gather(self.double_mod[s.name](c), i) for s, i in zip(segs, idx)]

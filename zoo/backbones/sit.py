@@ -40,6 +40,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.kinds import BACKBONES
+from zoo.backbones.common import check_forward_args, conditioning
 from zoo.core.params import ZooParams
 from zoo.core.layout import TokenLayout
 from zoo.core.types import BackboneOut
@@ -223,17 +224,7 @@ class SiT(nn.Module):
         For ``t`` ``(B, N)`` the pairs are the distinct ``(b, t[b, i])``, sorted by ``b`` then ``t``; the
         t-embedding, label embedding and (later) every adaLN MLP run once per pair, not per token.
         """
-        b = y.shape[0]
-        if t.dim() == 1 and t.shape[0] == b:
-            return self.t_embedder(t) + self.y_embedder(y), None
-        if t.dim() != 2 or tuple(t.shape) != (b, n):
-            raise ValueError(f"t must have shape (B,) = ({b},) or (B, N) = ({b}, {n}); got {tuple(t.shape)}")
-        t_vals, t_idx = torch.unique(t, return_inverse=True)                 # (U,), (B, N)
-        u = t_vals.numel()
-        keys = torch.arange(b, device=t.device)[:, None] * u + t_idx           # (B, N) pair key b * U + t-rank
-        pairs, index = torch.unique(keys, return_inverse=True)                 # (K,), (B, N)
-        c = self.t_embedder(t_vals[pairs % u]) + self.y_embedder(y[pairs // u])
-        return c, index
+        return conditioning(self.t_embedder, self.y_embedder, t, y, n)
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, taps: tuple[int, ...] = (),
@@ -250,28 +241,7 @@ class SiT(nn.Module):
                 by every block's attention (e.g. Self-Flow's attention separation); None = full attention.
                 Every row needs at least one True (a row with none gives NaN in every backend).
         """
-        taps = tuple(int(k) for k in taps)
-        bad = [k for k in taps if not 1 <= k <= self.depth]
-        if bad:
-            raise ValueError(f"taps {bad} are outside the blocks 1..{self.depth}")
-        if stop_after is not None:
-            if not 1 <= stop_after <= self.depth:
-                raise ValueError(f"stop_after={stop_after} is outside the blocks 1..{self.depth}")
-            late = [k for k in taps if k > stop_after]
-            if late:
-                raise ValueError(f"taps {late} lie after stop_after={stop_after}; those blocks are not run")
-        if x.dim() != 3 or x.shape[1] != self.num_tokens or x.shape[2] != self.token_dim:
-            raise ValueError(f"x must be (B, N, P) = (B, {self.num_tokens}, {self.token_dim}); got {tuple(x.shape)}")
-        bsz = x.shape[0]
-        if y is None:
-            y = torch.full((bsz,), self.null_label, dtype=torch.long, device=x.device)
-        elif tuple(y.shape) != (bsz,):
-            raise ValueError(f"y must be (B,) = ({bsz},); got {tuple(y.shape)}")
-        if attn_mask is not None and (attn_mask.dtype != torch.bool
-                                      or tuple(attn_mask.shape) != (bsz, self.num_tokens, self.num_tokens)):
-            raise ValueError(f"attn_mask must be bool (B, N, N) = ({bsz}, {self.num_tokens}, {self.num_tokens}); "
-                             f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
-
+        taps, y = check_forward_args(self, x, y, taps, stop_after, attn_mask)
         c, index = self._conditioning(t, y, self.num_tokens)
         h = self.x_embedder(x) + self.pos_embed                               # (B, N, D)
         last = self.depth if stop_after is None else stop_after

@@ -29,11 +29,12 @@ import torch
 from PIL import Image
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from registry.kinds import DATASETS
 from zoo.core.params import ZooParams
-from zoo.data.digits import _FONT_BUCKETS, _INK_PER_EM, NUM_CLASSES, _colours, _glyph, _supersampling
+from zoo.data.digits import (_FONT_BUCKETS, _INK_PER_EM, NUM_CLASSES, GeneratedDataset, _colours, _glyph,
+                              _supersampling, ordered_range)
+from zoo.data.errors import check_index, check_split
 
 GENERATOR_VERSION = "bouncing-av-v1"
 """Changes whenever the rendering changes; cached models trained on these clips key on it."""
@@ -93,10 +94,7 @@ class BouncingDigitsAVDataParams(ZooParams):
     @field_validator("speed", "scale", "stroke")
     @classmethod
     def _ordered_range(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
-        lo, hi = _BOUNDS[info.field_name]
-        if not lo <= v[0] <= v[1] <= hi:
-            raise ValueError(f"expected {lo} <= low <= high <= {hi}, got {list(v)}")
-        return v
+        return ordered_range(v, *_BOUNDS[info.field_name])
 
     @field_validator("sample_rate")
     @classmethod
@@ -190,8 +188,7 @@ class _Layout:
 
 
 def _layout(params: BouncingDigitsAVDataParams, index: int, split: str) -> _Layout:
-    if split not in _SPLIT_STREAM:
-        raise ValueError(f"bouncing_digits_av: unknown split {split!r} (known: {', '.join(_SPLIT_STREAM)})")
+    check_split("bouncing_digits_av", split)
     label = index % NUM_CLASSES
     rng = np.random.default_rng([params.seed, _SPLIT_STREAM[split], index])
     u = rng.random(9)
@@ -342,7 +339,7 @@ def render_clip(params: BouncingDigitsAVDataParams, index: int, split: str = "tr
 
 # --------------------------------------------------------------------------------------------- dataset
 @DATASETS.register
-class BouncingDigitsAV(Dataset):
+class BouncingDigitsAV(GeneratedDataset):
     """Map-style dataset: ``ds[i] -> (x, y)`` with ``y = i % 10`` and ``x`` a dict ``{"video": (C, T, H, W),
     "audio": (1, L)}`` of float32 in [-1, 1] (the bare tensor when one stream is selected).
 
@@ -352,25 +349,10 @@ class BouncingDigitsAV(Dataset):
     """
 
     Params = BouncingDigitsAVDataParams
-
-    def __init__(self, params: BouncingDigitsAVDataParams, split: str = "train"):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"bouncing_digits_av: unknown split {split!r} (known: {', '.join(_SPLIT_STREAM)})")
-        self.params, self.split = params, split
-        self.num_classes = NUM_CLASSES
-
-    def sample_shape(self) -> dict[str, tuple[int, ...]] | tuple[int, ...]:
-        return self.params.sample_shape()
-
-    def __len__(self) -> int:
-        return self.params.length
+    tag = "bouncing_digits_av"
 
     def __getitem__(self, index: int) -> tuple[Tensor | dict[str, Tensor], int]:
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"bouncing_digits_av: index {index} out of range for length {len(self)}")
+        index = check_index(self.tag, index, len(self))
         arrays, label = render_clip(self.params, index, self.split)
         x = {k: torch.from_numpy(v) for k, v in arrays.items()}
         if "video" in x:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from registry.kinds import DATASETS
 from zoo.core.params import ZooParams
+from zoo.data.errors import check_index, check_split
 
 GENERATOR_VERSION = "digits-v1"
 """Changes whenever the rendering changes; cached models trained on digits (the metric classifier) key on it."""
@@ -43,6 +44,13 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 _BOUNDS = {"scale": (0.05, 1.5), "rotation": (-180.0, 180.0), "stroke": (0.0, 0.3), "noise": (0.0, 1.0)}
 """Allowed (low, high) of each range field."""
+
+
+def ordered_range(v: tuple[float, float], lo: float, hi: float) -> tuple[float, float]:
+    """A range field's value ``v = (low, high)``, checked: ``ValueError`` unless ``lo <= low <= high <= hi``."""
+    if not lo <= v[0] <= v[1] <= hi:
+        raise ValueError(f"expected {lo} <= low <= high <= {hi}, got {list(v)}")
+    return v
 
 
 class DigitsDataParams(ZooParams):
@@ -71,10 +79,7 @@ class DigitsDataParams(ZooParams):
     @field_validator("scale", "rotation", "stroke", "noise")
     @classmethod
     def _ordered_range(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
-        lo, hi = _BOUNDS[info.field_name]
-        if not lo <= v[0] <= v[1] <= hi:
-            raise ValueError(f"expected {lo} <= low <= high <= {hi}, got {list(v)}")
-        return v
+        return ordered_range(v, *_BOUNDS[info.field_name])
 
     @property
     def num_classes(self) -> int:
@@ -167,8 +172,29 @@ def render_digit(params: DigitsDataParams, index: int, split: str = "train") -> 
 
 
 # --------------------------------------------------------------------------------------------- dataset
+class GeneratedDataset(Dataset):
+    """Base of the embedded, generated datasets (``digits``, ``bouncing_digits_av``): ``len(ds) == length``,
+    labels ``0..9``, samples a pure function of ``(params, split, index)``; ``tag`` names the dataset in
+    messages. ``params`` has ``length`` and ``sample_shape()``; ``split`` is ``"train"`` or ``"eval"``.
+    Subclasses define ``__getitem__`` (starting with ``index = check_index(self.tag, index, len(self))``).
+    """
+
+    tag: ClassVar[str] = ""
+
+    def __init__(self, params: Any, split: str = "train"):
+        check_split(self.tag, split)
+        self.params, self.split = params, split
+        self.num_classes = NUM_CLASSES
+
+    def sample_shape(self) -> Any:
+        return self.params.sample_shape()
+
+    def __len__(self) -> int:
+        return self.params.length
+
+
 @DATASETS.register
-class Digits(Dataset):
+class Digits(GeneratedDataset):
     """Map-style dataset: ``ds[i] -> (x (C, H, W) float32 in [-1, 1], y int in 0..9)``, ``len(ds) == length``.
 
     Args:
@@ -177,25 +203,10 @@ class Digits(Dataset):
     """
 
     Params = DigitsDataParams
-
-    def __init__(self, params: DigitsDataParams, split: str = "train"):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"digits: unknown split {split!r} (known: {', '.join(_SPLIT_STREAM)})")
-        self.params, self.split = params, split
-        self.num_classes = NUM_CLASSES
-
-    def sample_shape(self) -> tuple[int, int, int]:
-        return self.params.sample_shape()
-
-    def __len__(self) -> int:
-        return self.params.length
+    tag = "digits"
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"digits: index {index} out of range for length {len(self)}")
+        index = check_index(self.tag, index, len(self))
         img, label = render_digit(self.params, index, self.split)
         return torch.from_numpy(img).mul_(2.0).sub_(1.0), label
 

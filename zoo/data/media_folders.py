@@ -30,9 +30,6 @@ sample ``i`` the next index whose file loads (deterministic). Hidden names ('.DS
 from __future__ import annotations
 
 import math
-import os
-import warnings
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -44,11 +41,10 @@ from torch.utils.data import Dataset
 
 from registry.kinds import DATASETS
 from zoo.core.params import ZooParams
-from zoo.data.errors import DataError, DataWarning
+from zoo.data.errors import ClassFolderChecks, DataError, check_index, normalise_extensions
 from zoo.media import MediaInfo, probe_media, read_frames_at, read_media
 
 _SPLIT_STREAM = {"train": 0, "eval": 1}
-_MAX_LISTED = 20  # bad files named in one error message
 _VIDEO_EXT = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 _AUDIO_EXT = (".wav", ".flac", ".mp3", ".ogg")
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
@@ -70,10 +66,7 @@ class _MediaFolderParams(ZooParams):
     @field_validator("extensions", check_fields=False)
     @classmethod
     def _normalise_extensions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        out = tuple(("." + e.lower().lstrip(".")) for e in v)
-        if any(e == "." for e in out):
-            raise ValueError("empty extension")
-        return out
+        return normalise_extensions(v)
 
 
 class _VideoFields(_MediaFolderParams):
@@ -173,12 +166,8 @@ def _fit(audio: np.ndarray, length: int) -> Tensor:
     return torch.from_numpy(out).clamp_(-1.0, 1.0).unsqueeze(0)
 
 
-def _visible(names: list[str]) -> list[str]:
-    return sorted(n for n in names if not n.startswith("."))
-
-
 # --------------------------------------------------------------------------------------------- dataset
-class _MediaFolder(Dataset):
+class _MediaFolder(ClassFolderChecks, Dataset):
     """Shared scanning, probing, error reporting and index handling; subclasses define ``_check`` and ``_load``.
 
     Attributes:
@@ -188,57 +177,18 @@ class _MediaFolder(Dataset):
         bad: ``{path: reason}`` of every file skipped so far (``on_error="skip"``).
     """
 
-    tag: ClassVar[str] = ""
-    what: ClassVar[str] = ""  # "video" / "audio": the word in messages
-
-    @property
-    def _a_what(self) -> str:
-        return ("an " if self.what[:1] in "aeiou" else "a ") + self.what
+    skip_hint: ClassVar[str] = "set on_error: skip to skip"
 
     def __init__(self, params: Any, split: str = "train"):
-        if split not in _SPLIT_STREAM:
-            raise ValueError(f"{self.tag}: unknown split {split!r} (known: {', '.join(_SPLIT_STREAM)})")
-        self.params, self.split = params, split
-        self.root = Path(params.eval_root if split == "eval" and params.eval_root else params.root).expanduser()
-        self.bad: dict[str, str] = {}
+        self._open(params, split)
         self.info: dict[str, MediaInfo] = {}
         self.classes, self.samples = self._scan()
         self._probe_all()
         self.num_classes = len(self.classes)
 
-    # ------------------------------------------------------------------------------------------ scan
-    def _scan(self) -> tuple[list[str], list[tuple[str, int]]]:
-        p = self.params
-        if not self.root.exists():
-            raise DataError(f"{self.tag}: root {str(self.root)!r} does not exist")
-        if not self.root.is_dir():
-            raise DataError(f"{self.tag}: root {str(self.root)!r} is not a directory")
-        entries = _visible(os.listdir(self.root))
-        classes = [n for n in entries if (self.root / n).is_dir()]
-        if not classes:
-            raise DataError(f"{self.tag}: no class sub-folders in {str(self.root)!r} (expected root/<class>/<file>)")
-        if len(classes) != p.num_classes:
-            shown = ", ".join(classes[:_MAX_LISTED]) + (", ..." if len(classes) > _MAX_LISTED else "")
-            raise DataError(f"{self.tag}: {str(self.root)!r} has {len(classes)} class folders ({shown}) "
-                            f"but num_classes is {p.num_classes}")
-        bad = [(str(self.root / n), "file outside any class folder") for n in entries if n not in classes]
-        samples: list[tuple[str, int]] = []
-        for label, name in enumerate(classes):
-            found = 0
-            for dirpath, dirnames, filenames in os.walk(self.root / name, followlinks=True):
-                dirnames[:] = _visible(dirnames)
-                for fn in _visible(filenames):
-                    path = os.path.join(dirpath, fn)
-                    if os.path.splitext(fn)[1].lower() in p.extensions:
-                        samples.append((path, label))
-                        found += 1
-                    else:
-                        bad.append((path, f"not {self._a_what} file (extension not in {list(p.extensions)})"))
-            if not found:
-                raise DataError(f"{self.tag}: class folder {str(self.root / name)!r} holds no {self.what} files "
-                                f"with extensions {list(p.extensions)}")
-        self._report(bad)
-        return classes, samples
+    @property
+    def _skip_bad(self) -> bool:
+        return self.params.on_error == "skip"
 
     def _probe_all(self) -> None:
         """Probe every file (no decoding); drop (``skip``) or report the bad ones."""
@@ -254,12 +204,7 @@ class _MediaFolder(Dataset):
             else:
                 self.info[path] = info
                 good.append((path, label))
-        self._report(bad)
-        self.samples = good
-        missing = sorted(set(range(len(self.classes))) - {y for _, y in good})
-        if missing:
-            raise DataError(f"{self.tag}: no usable {self.what} file left in class folder(s) "
-                            f"{[str(self.root / self.classes[y]) for y in missing]}")
+        self._keep(good, bad, f"usable {self.what} file")
 
     def _check(self, info: MediaInfo) -> str | None:
         """Why the probed file cannot be used, or None."""
@@ -274,22 +219,6 @@ class _MediaFolder(Dataset):
             return (f"is {info.video_duration_s:.3f} s long, shorter than one window of {p.frames} frames "
                     f"at {p.fps:g} fps ({window:.3f} s)")
         return None
-
-    def _report(self, bad: list[tuple[str, str]]) -> None:
-        """Raise one DataError naming the bad files, or (``skip``) warn once per file and record it."""
-        if not bad:
-            return
-        if self.params.on_error == "stop":
-            lines = [f"  {path}: {why}" for path, why in bad[:_MAX_LISTED]]
-            more = [f"  ... and {len(bad) - _MAX_LISTED} more"] if len(bad) > _MAX_LISTED else []
-            raise DataError(f"{self.tag}: bad files (set on_error: skip to skip them):\n" + "\n".join(lines + more))
-        for path, why in bad:
-            self._skip(path, why)
-
-    def _skip(self, path: str, why: str) -> None:
-        if path not in self.bad:
-            self.bad[path] = why
-            warnings.warn(f"{self.tag}: skipping {path}: {why}", DataWarning, stacklevel=3)
 
     # ------------------------------------------------------------------------------------------ load
     def _rng(self, index: int) -> np.random.Generator:
@@ -307,33 +236,18 @@ class _MediaFolder(Dataset):
         frames = read_frames_at(path, [t0 + k / p.fps for k in range(p.frames)])
         return resize_crop_video(frames, p.size, p.channels), t0
 
-    def sample_shape(self) -> Any:
-        return self.params.sample_shape()
-
     def stream_rates(self) -> dict[str, float]:
         return self.params.stream_rates()
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        n = len(self.samples)
-        index = int(index)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"{self.tag}: index {index} out of range for length {n}")
-        for k in range(n):  # sample i, or the next one whose file loads (on_error: skip)
-            path, label = self.samples[(index + k) % n]
-            if path in self.bad:
-                continue
+        index = check_index(self.tag, index, len(self))
+        for path, label in self._candidates(index):  # sample i, or the next one whose file loads (on_error: skip)
             try:
                 return self._load(path, self._rng(index)), label
             except DataError as e:
-                if self.params.on_error == "stop":
-                    raise DataError(f"{self.tag}: {e} (set on_error: skip to skip bad files)") from e
+                if not self._skip_bad:
+                    raise DataError(f"{self.tag}: {e} ({self.skip_hint} bad files)") from e
                 self._skip(path, str(e))
-        raise DataError(f"{self.tag}: no file under {str(self.root)!r} could be decoded")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, classes={len(self.classes)}, "

@@ -1,0 +1,61 @@
+"""What the DiT-family backbones (``sit``, ``mmdit``) share: the checks of ``forward``'s arguments and the
+per-sample or per-(sample, t) conditioning ``c = t_embedder(t) + y_embedder(y)``."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def check_forward_args(net: Any, x: Tensor, y: Tensor | None, taps: tuple[int, ...], stop_after: int | None,
+                       attn_mask: Tensor | None) -> tuple[tuple[int, ...], Tensor]:
+    """Validate a backbone's ``forward`` arguments; returns ``(taps as ints, y (B,))`` (null labels for None).
+
+    ``net`` gives ``depth`` (blocks, 1-based for ``taps`` / ``stop_after``), ``num_tokens`` (N), ``token_dim``
+    (P) and ``null_label``. ``x`` must be ``(B, N, P)``, ``y`` ``(B,)`` or None, ``attn_mask`` None or bool
+    ``(B, N, N)``; raises ``ValueError`` naming the offending argument.
+    """
+    taps = tuple(int(k) for k in taps)
+    depth = net.depth
+    bad = [k for k in taps if not 1 <= k <= depth]
+    if bad:
+        raise ValueError(f"taps {bad} are outside the blocks 1..{depth}")
+    if stop_after is not None:
+        if not 1 <= stop_after <= depth:
+            raise ValueError(f"stop_after={stop_after} is outside the blocks 1..{depth}")
+        late = [k for k in taps if k > stop_after]
+        if late:
+            raise ValueError(f"taps {late} lie after stop_after={stop_after}; those blocks are not run")
+    n, p = net.num_tokens, net.token_dim
+    if x.dim() != 3 or x.shape[1] != n or x.shape[2] != p:
+        raise ValueError(f"x must be (B, N, P) = (B, {n}, {p}); got {tuple(x.shape)}")
+    bsz = x.shape[0]
+    if y is None:
+        y = torch.full((bsz,), net.null_label, dtype=torch.long, device=x.device)
+    elif tuple(y.shape) != (bsz,):
+        raise ValueError(f"y must be (B,) = ({bsz},); got {tuple(y.shape)}")
+    if attn_mask is not None and (attn_mask.dtype != torch.bool or tuple(attn_mask.shape) != (bsz, n, n)):
+        raise ValueError(f"attn_mask must be bool (B, N, N) = ({bsz}, {n}, {n}); "
+                         f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+    return taps, y
+
+
+def conditioning(t_embedder: nn.Module, y_embedder: nn.Module, t: Tensor, y: Tensor,
+                 n: int) -> tuple[Tensor, Tensor | None]:
+    """``c = t_embedder(t) + y_embedder(y)`` ``(K, D)`` and the token -> pair index ``(B, N)`` (None when ``t``
+    is ``(B,)``, ``K = B``).
+
+    For ``t`` ``(B, N)`` the pairs are the distinct ``(b, t[b, i])``, sorted by ``b`` then ``t``; the
+    t-embedding, label embedding and (later) every adaLN MLP run once per pair, not per token.
+    """
+    b = y.shape[0]
+    if t.dim() == 1 and t.shape[0] == b:
+        return t_embedder(t) + y_embedder(y), None
+    if t.dim() != 2 or tuple(t.shape) != (b, n):
+        raise ValueError(f"t must have shape (B,) = ({b},) or (B, N) = ({b}, {n}); got {tuple(t.shape)}")
+    t_vals, t_idx = torch.unique(t, return_inverse=True)                 # (U,), (B, N)
+    u = t_vals.numel()
+    keys = torch.arange(b, device=t.device)[:, None] * u + t_idx           # (B, N) pair key b * U + t-rank
+    pairs, index = torch.unique(keys, return_inverse=True)                 # (K,), (B, N)
+    return t_embedder(t_vals[pairs % u]) + y_embedder(y[pairs // u]), index
