@@ -65,3 +65,17 @@ def test_av_run_report_and_tensorboard(av_run):
     assert any(t.startswith("samples/audio_") for t in tags["audio"])
     gif = acc.Images("samples/preview")[-1].encoded_image_string
     assert gif[:6] in (b"GIF87a", b"GIF89a")
+
+
+@pytest.mark.parametrize("name,kind", [("selfflow_video.json", ".mp4"), ("selfflow_audio.json", ".wav"),
+                                       ("fm_av.json", ".mp4")])
+def test_other_media_specs_run(tmp_path, name, kind):
+    """The one-stream specs (video only, audio only) and the vanilla baseline run end to end and write media."""
+    out = tmp_path / "run"
+    argv = [str(ROOT / "specs" / name), "--out", str(out)]
+    for s in SETS + ["eval.num_samples=4"]:
+        argv += ["--set", s]
+    assert run_cli.main(argv) == 0
+    clips = sorted((out / "samples" / "step_00000003").glob(f"*{kind}"))
+    assert len(clips) == 4 and (out / "samples" / "step_00000003.png").is_file()
+    assert (out / "report.html").is_file()

@@ -442,37 +442,47 @@ def _spectrogram(audio: np.ndarray, sample_rate: int | None, height: int, width:
 def contact_sheet(videos, audios=None, sample_rate: int | None = None, frames: int = 8, scale: int = 2,
                   labels: Sequence[str] | None = None) -> np.ndarray:
     """One row per clip of uint8 ``videos`` ``(B, T, H, W, C)``: ``frames`` frames evenly spaced over the clip,
-    upscaled by ``scale``, with the spectrogram of ``audios`` float32 ``(B, L)`` (when given) under the row.
+    upscaled by ``scale``, with the spectrogram of ``audios`` float32 ``(B, L)`` (when given) under the row;
+    ``videos=None`` gives the spectrogram strips alone.
 
     Rows and frames are separated by 2-pixel gaps; ``labels`` (B strings) are drawn on each row's first frame.
     Returns uint8 ``(H', W', 3)``.
     """
-    v = np.asarray(videos)
-    if v.dtype != np.uint8 or v.ndim != 5 or v.shape[-1] not in (1, 3) or 0 in v.shape:
-        raise ValueError(f"contact_sheet: expected uint8 videos (B, T, H, W, C) with C in {{1, 3}}, "
-                         f"got {v.dtype} {tuple(v.shape)}")
-    b, t, h, w, _ = v.shape
+    if videos is None:  # audio only: one spectrogram strip per clip
+        if audios is None:
+            raise ValueError("contact_sheet: needs videos, audios or both")
+        a = np.asarray(audios, dtype=np.float32)
+        if a.ndim != 2 or 0 in a.shape:
+            raise ValueError(f"contact_sheet: expected audios (B, L), got {tuple(a.shape)}")
+        b, fh, row_w, gap = a.shape[0], 0, 256 * scale, 2
+    else:
+        v = np.asarray(videos)
+        if v.dtype != np.uint8 or v.ndim != 5 or v.shape[-1] not in (1, 3) or 0 in v.shape:
+            raise ValueError(f"contact_sheet: expected uint8 videos (B, T, H, W, C) with C in {{1, 3}}, "
+                             f"got {v.dtype} {tuple(v.shape)}")
+        b, t, h, w, _ = v.shape
+        a = None if audios is None else np.asarray(audios, dtype=np.float32)
+        if a is not None and (a.ndim != 2 or a.shape[0] != b or a.shape[1] == 0):
+            raise ValueError(f"contact_sheet: expected audios (B={b}, L), got {tuple(a.shape)}")
+        gap = 2
+        fh, fw = h * scale, w * scale
+        row_w = frames * fw + (frames - 1) * gap
     if frames < 1 or int(scale) != scale or scale < 1:
         raise ValueError(f"contact_sheet: need frames >= 1 and an integer scale >= 1, got {frames}, {scale}")
-    a = None if audios is None else np.asarray(audios, dtype=np.float32)
-    if a is not None and (a.ndim != 2 or a.shape[0] != b or a.shape[1] == 0):
-        raise ValueError(f"contact_sheet: expected audios (B={b}, L), got {tuple(a.shape)}")
     if labels is not None and len(labels) != b:
         raise ValueError(f"contact_sheet: {len(labels)} labels for {b} clips")
-    gap = 2
-    fh, fw = h * scale, w * scale
-    row_w = frames * fw + (frames - 1) * gap
-    spec_h = max(16, fh // 2) if a is not None else 0
-    row_h = fh + (gap + spec_h if a is not None else 0)
+    spec_h = (max(16, fh // 2) if fh else 32 * scale) if a is not None else 0
+    top = fh + gap if (fh and a is not None) else fh
+    row_h = top + spec_h
     sheet = np.full((b * row_h + (b - 1) * gap, row_w, 3), 24, np.uint8)
-    idx = np.linspace(0, t - 1, frames).round().astype(int)
     for i in range(b):
         y = i * (row_h + gap)
-        clip = v[i].repeat(3, axis=-1) if v.shape[-1] == 1 else v[i]
-        for j, k in enumerate(idx):
-            sheet[y:y + fh, j * (fw + gap):j * (fw + gap) + fw] = clip[k].repeat(scale, 0).repeat(scale, 1)
+        if videos is not None:
+            clip = v[i].repeat(3, axis=-1) if v.shape[-1] == 1 else v[i]
+            for j, k in enumerate(np.linspace(0, t - 1, frames).round().astype(int)):
+                sheet[y:y + fh, j * (fw + gap):j * (fw + gap) + fw] = clip[k].repeat(scale, 0).repeat(scale, 1)
         if a is not None:
-            sheet[y + fh + gap:y + row_h] = _spectrogram(a[i], sample_rate, spec_h, row_w)
+            sheet[y + top:y + row_h] = _spectrogram(a[i], sample_rate, spec_h, row_w)
     if labels is not None:
         img = Image.fromarray(sheet)
         draw, font = ImageDraw.Draw(img), ImageFont.load_default()
