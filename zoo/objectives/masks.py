@@ -163,9 +163,11 @@ class ExactCountMask(_TokenMaskBase):
         m = torch.zeros_like(u, dtype=torch.bool)
         r = self.params.ratio
         if isinstance(r, dict) and self.layout is not None:
-            spans = [(s.start, s.length, r[s.name]) for s in self.layout.segments]
+            spans = [(s.start, s.length, float(r[s.name])) for s in self.layout.segments]
+        elif isinstance(r, dict):
+            spans = [(0, num_tokens, float(r["image"]) if "image" in r else float(self.token_ratios(num_tokens)[0]))]
         else:
-            spans = [(0, num_tokens, float(self.token_ratios(num_tokens)[0]))]
+            spans = [(0, num_tokens, float(r))]  # the exact value: a float32 round trip can move a .5 count
         for start, length, ratio in spans:
             k = mask_count(ratio, length)
             if k > 0:
