@@ -45,7 +45,7 @@ from torch import Tensor
 from registry.kinds import METRICS
 from zoo.core.params import ZooParams
 from zoo.data.bouncing_av import GENERATOR_VERSION, BouncingDigitsAVDataParams, render_clip
-from zoo.metrics.classifier import DigitClassifier, cache_dir, get_digit_classifier
+from zoo.metrics.classifier import DigitClassifier, cache_dir, fit_classifier, get_digit_classifier
 from zoo.metrics.dtmf import burst_onsets, decode_digit, video_bounces
 
 log = logging.getLogger(__name__)
@@ -112,21 +112,7 @@ def train_frame_classifier(dp: BouncingDigitsAVDataParams, device: torch.device 
             xs.append(model.prepare(frames))
             ys.append(y.repeat_interleave(r["frames_per_clip"]))
         x, y = torch.cat(xs).contiguous(memory_format=torch.channels_last), torch.cat(ys)
-        model.to(device, memory_format=torch.channels_last).train()
-        steps = len(x) // r["batch_size"]
-        opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["epochs"] * steps,
-                                                    pct_start=r["warmup_fraction"])
-        for _ in range(r["epochs"]):
-            order = torch.randperm(len(x), generator=gen)
-            for b in range(steps):
-                idx = order[b * r["batch_size"]:(b + 1) * r["batch_size"]]
-                loss = F.cross_entropy(model.logits(x[idx].to(device), prepared=True), y[idx].to(device),
-                                       label_smoothing=r["label_smoothing"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+        fit_classifier(model, x, y, r, device, gen)
     model.train_seconds = time.perf_counter() - t0
     log.info("%s frame classifier: trained in %.1f s", DATA_TYPE, model.train_seconds)
     return model.eval()

@@ -191,22 +191,7 @@ def _train(size: int, channels: int, device: torch.device) -> DigitClassifier:
     train_params = DigitsDataParams(type="digits", size=size, channels=channels, length=r["train_samples"],
                                     **r["data"])
     x, y = _prepared_split(model, train_params, "train", r["train_samples"])
-    model.to(device, memory_format=torch.channels_last).train()
-    steps_per_epoch = len(x) // r["batch_size"]
-    total = r["epochs"] * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=total, pct_start=r["warmup_fraction"])
-    gen = torch.Generator().manual_seed(r["seed"])
-    for _ in range(r["epochs"]):
-        order = torch.randperm(len(x), generator=gen)
-        for b in range(steps_per_epoch):
-            idx = order[b * r["batch_size"] : (b + 1) * r["batch_size"]]
-            loss = F.cross_entropy(model.logits(x[idx].to(device), prepared=True), y[idx].to(device),
-                                   label_smoothing=r["label_smoothing"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    fit_classifier(model, x, y, r, device, torch.Generator().manual_seed(r["seed"]))
     train_s = time.perf_counter() - t0
     xe, ye = _prepared_split(model, DigitsDataParams(type="digits", size=size, channels=channels), "eval",
                              r["eval_samples"])
@@ -218,6 +203,27 @@ def _train(size: int, channels: int, device: torch.device) -> DigitClassifier:
         warnings.warn(f"digit classifier {size}x{size} c{channels} reached only {model.eval_accuracy:.3f} eval "
                       f"accuracy (< {MIN_ACCURACY}); class_accuracy / classifier_fd are less reliable", stacklevel=2)
     return model.eval()
+
+
+def fit_classifier(model: DigitClassifier, x: Tensor, y: Tensor, r: dict[str, Any], device: torch.device,
+                   gen: torch.Generator) -> None:
+    """Train ``model`` in place on prepared inputs ``x`` ``(n, C, h, w)`` and labels ``y`` ``(n,)``: AdamW with a
+    one-cycle schedule for ``r["epochs"]`` epochs of shuffled (``gen``) batches, label smoothing (recipe ``r``)."""
+    model.to(device, memory_format=torch.channels_last).train()
+    steps_per_epoch = len(x) // r["batch_size"]
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["epochs"] * steps_per_epoch,
+                                                pct_start=r["warmup_fraction"])
+    for _ in range(r["epochs"]):
+        order = torch.randperm(len(x), generator=gen)
+        for b in range(steps_per_epoch):
+            idx = order[b * r["batch_size"] : (b + 1) * r["batch_size"]]
+            loss = F.cross_entropy(model.logits(x[idx].to(device), prepared=True), y[idx].to(device),
+                                   label_smoothing=r["label_smoothing"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
 
 
 def _save_atomic(model: DigitClassifier, path: Path) -> None:
