@@ -181,49 +181,45 @@ class _MediaModality(nn.Module):
         return ", ".join(f"{s.name}: grid={s.grid} token_dim={s.token_dim}" for s in self.layout.segments)
 
 
+class _OneStream(_MediaModality):
+    """A modality of one stream (``stream``, cut by ``tokenizer``); its latents may come alone or under their
+    stream name in a dict. deps: ``backbone_patch`` (used when the params give none), ``latent_shape``,
+    ``time_step_s``."""
+
+    stream: str
+    tokenizer: type
+
+    def __init__(self, params: Any, *, latent_shape: Any, backbone_patch: int | None = None,
+                 time_step_s: Any = None, **deps: Any):
+        super().__init__()
+        self.params = params
+        self.parts = {self.stream: self.tokenizer(params.resolved_patch(backbone_patch),
+                                                  tuple(_stream(latent_shape, self.stream)),
+                                                  _stream(time_step_s, self.stream))}
+        self._finish()
+
+    def to_tokens(self, z: Tensor) -> Tensor:
+        return self.parts[self.stream].to_tokens(_stream(z, self.stream))
+
+    def from_tokens(self, tokens: Tensor) -> Tensor:
+        self._check_tokens(tokens)
+        return self.parts[self.stream].from_tokens(tokens)
+
+
 @MODALITIES.register
-class VideoModality(_MediaModality):
-    """``to_tokens`` ``(B, C, T, H, W)`` -> ``(B, N, P)``; ``from_tokens`` the inverse. deps: ``backbone_patch``
-    (used when the params give none), ``latent_shape`` ``(C, T, H, W)``, ``time_step_s``."""
+class VideoModality(_OneStream):
+    """``to_tokens`` ``(B, C, T, H, W)`` -> ``(B, N, P)``; ``from_tokens`` the inverse (latent ``(C, T, H, W)``)."""
 
     Params = VideoModalityParams
-
-    def __init__(self, params: VideoModalityParams, *, latent_shape: Any, backbone_patch: int | None = None,
-                 time_step_s: Any = None, **deps: Any):
-        super().__init__()
-        self.params = params
-        self.parts = {"video": _VideoTokens(params.resolved_patch(backbone_patch), tuple(_stream(latent_shape, "video")),
-                                            _stream(time_step_s, "video"))}
-        self._finish()
-
-    def to_tokens(self, z: Tensor) -> Tensor:
-        return self.parts["video"].to_tokens(_stream(z, "video"))
-
-    def from_tokens(self, tokens: Tensor) -> Tensor:
-        self._check_tokens(tokens)
-        return self.parts["video"].from_tokens(tokens)
+    stream, tokenizer = "video", _VideoTokens
 
 
 @MODALITIES.register
-class AudioModality(_MediaModality):
-    """``to_tokens`` ``(B, C, L)`` -> ``(B, N, P)``; ``from_tokens`` the inverse. deps as ``video``."""
+class AudioModality(_OneStream):
+    """``to_tokens`` ``(B, C, L)`` -> ``(B, N, P)``; ``from_tokens`` the inverse (latent ``(C, L)``)."""
 
     Params = AudioModalityParams
-
-    def __init__(self, params: AudioModalityParams, *, latent_shape: Any, backbone_patch: int | None = None,
-                 time_step_s: Any = None, **deps: Any):
-        super().__init__()
-        self.params = params
-        self.parts = {"audio": _AudioTokens(params.resolved_patch(backbone_patch), tuple(_stream(latent_shape, "audio")),
-                                            _stream(time_step_s, "audio"))}
-        self._finish()
-
-    def to_tokens(self, z: Tensor) -> Tensor:
-        return self.parts["audio"].to_tokens(_stream(z, "audio"))
-
-    def from_tokens(self, tokens: Tensor) -> Tensor:
-        self._check_tokens(tokens)
-        return self.parts["audio"].from_tokens(tokens)
+    stream, tokenizer = "audio", _AudioTokens
 
 
 class AudioVideoModalityParams(ZooParams):
