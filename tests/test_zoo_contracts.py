@@ -70,6 +70,7 @@ REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag -> fields an entry cannot
 AUTOENCODER_INPUT: dict[str, Any] = {    # tag -> input shape (default (3, 16, 16))
     "waveform": (1, 256),
     "stft": (1, 256),
+    "spectrogram": (1, 256),
     "streams": {"video": (1, 4, 8, 8), "audio": (1, 256)},
 }
 MODALITY_EXAMPLE: dict[str, Callable[[], dict]] = {  # tag -> build deps (default backbone_patch=2, latent (3, 8, 12))

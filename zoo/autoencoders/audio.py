@@ -1,4 +1,4 @@
-"""Fixed (weight-free) audio autoencoders: ``waveform`` and ``stft``.
+"""Fixed (weight-free) audio autoencoders: ``waveform``, ``stft`` and ``spectrogram``.
 
 A mono clip is ``(1, L)`` in [-1, 1] (channel-first, like images). Neither entry learns anything; both are
 exactly invertible on the clips they encode, so the flow model works on the waveform itself or on its
@@ -141,3 +141,49 @@ class STFT(nn.Module):
         length = self.hop * (z.shape[-1] - 1)
         x = torch.istft(spec, self.n_fft, self.hop, window=self.window, center=True, normalized=True, length=length)
         return x[:, None]
+
+
+class SpectrogramParams(STFTParams):
+    """Compressed STFT magnitude; phase is rebuilt by Griffin-Lim when decoding."""
+
+    type: Literal["spectrogram"] = Field(
+        ..., description="Fixed STFT magnitude |c|^power of mono audio (no weights); decoded by Griffin-Lim.")
+    power: float = Field(0.5, gt=0, le=1.0, description="Magnitude compression |c| -> |c|^power (0.5 lifts quiet bins).")
+    griffin_lim_iters: int = Field(100, ge=0, description="Griffin-Lim iterations when decoding (0 = zero phase).")
+    momentum: float = Field(0.99, ge=0, lt=1, description="Fast Griffin-Lim momentum (Perraudin et al. 2013); 0 = "
+                                                         "the original algorithm.")
+
+    def latent_shape(self, input_shape: Any) -> tuple[int, int]:
+        """``(1, L)`` -> ``(F, L / hop + 1)``; ``L`` must be a multiple of ``hop``."""
+        channels, frames = super().latent_shape(input_shape)
+        return channels // 2, frames
+
+
+@AUTOENCODERS.register
+class Spectrogram(STFT):
+    """``encode`` ``(B, 1, L)`` -> ``(B, F, L / hop + 1)`` = ``scale * |STFT|^power``; ``decode`` inverts the
+    compression (negative model outputs clip to 0) and rebuilds a phase with fast Griffin-Lim, started from zero
+    phase so decoding is deterministic. Not exactly invertible: the phase is lost, the magnitude is kept; for tonal
+    signals such as DTMF the decoded clip has the same tones at the same times."""
+
+    Params = SpectrogramParams
+
+    def encode(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"spectrogram: expected mono audio (B, 1, L); got {tuple(x.shape)}")
+        spec = torch.stft(x[:, 0].float(), self.n_fft, self.hop, window=self.window, center=True,
+                          normalized=True, return_complex=True)                   # (B, F, frames)
+        return spec.abs().pow(self.params.power) * self.params.scale
+
+    def decode(self, z: Tensor) -> Tensor:
+        if z.dim() != 3 or z.shape[1] != self.bins:
+            raise ValueError(f"spectrogram: expected latents (B, {self.bins}, frames); got {tuple(z.shape)}")
+        mag = (z.float() / self.params.scale).clamp_min(0).pow(1.0 / self.params.power)   # (B, F, frames)
+        length = self.hop * (z.shape[-1] - 1)
+        stft = dict(n_fft=self.n_fft, hop_length=self.hop, window=self.window, center=True, normalized=True)
+        spec, prev, m = mag.to(torch.complex64), torch.zeros((), dtype=torch.complex64), self.params.momentum
+        for _ in range(self.params.griffin_lim_iters):
+            rebuilt = torch.stft(torch.istft(spec, length=length, **stft), return_complex=True, **stft)
+            spec = mag * torch.exp(1j * (rebuilt - m / (1 + m) * prev).angle())
+            prev = rebuilt
+        return torch.istft(spec, length=length, **stft)[:, None]
