@@ -89,9 +89,9 @@ class STFTParams(ZooParams):
 
     def latent_shape(self, input_shape: Any) -> tuple[int, int]:
         """``(1, L)`` -> ``(2F, L / hop + 1)``; ``L`` must be a multiple of ``hop``."""
-        _, length = _mono_shape(input_shape, "stft")
+        _, length = _mono_shape(input_shape, self.type)
         if length % self.hop_length:
-            raise ValueError(f"autoencoder 'stft': clip length {length} is not a multiple of hop {self.hop_length}")
+            raise ValueError(f"autoencoder {self.type!r}: clip length {length} is not a multiple of hop {self.hop_length}")
         return 2 * (self.n_fft // 2 + 1), length // self.hop_length + 1
 
     def time_stride(self, input_shape: Any) -> int:

@@ -232,7 +232,10 @@ class AudioVideoModalityParams(ZooParams):
     audio_patch: int = Field(4, gt=0, description="Audio latent time steps per token.")
 
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
-        latent = spec.autoencoder.latent_shape(spec.data.sample_shape())
+        try:
+            latent = spec.autoencoder.latent_shape(spec.data.sample_shape())
+        except ValueError:
+            return  # the autoencoder's own check names the problem
         if not isinstance(latent, dict) or set(latent) != {"video", "audio"}:
             yield "data", f"modality 'audio_video' needs data with the streams video and audio; the latents are {latent}"
             return
