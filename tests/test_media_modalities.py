@@ -272,3 +272,18 @@ def test_repa_refuses_audio_only_and_runs_on_audio_video(tmp_path):
     assert run_cli.main(argv) == 0
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2 and all(0 < r["loss_rep"] < 2 and math.isfinite(r["loss"]) for r in rows)
+
+
+def test_audio_video_spec_with_a_bad_hop_names_the_audio_part():
+    """A clip length the audio autoencoder cannot take is one spec error at its JSON path, not a traceback."""
+    import json
+    from pathlib import Path
+
+    from registry.errors import SpecError
+    from registry.spec import validate
+
+    raw = json.loads((Path(__file__).resolve().parent.parent / "specs" / "selfflow_av.json").read_text())
+    raw["autoencoder"]["parts"]["audio"]["hop"] = 48
+    with pytest.raises(SpecError) as err:
+        validate(raw)
+    assert "autoencoder.parts.audio" in str(err.value) and "not a multiple of hop 48" in str(err.value)
