@@ -66,7 +66,8 @@ class Graph:
         x = tree_map(lambda v: v.to(self.device, non_blocking=True), x)
         z = tree_map(lambda v: v.float(), self.autoencoder.encode(x))
         y = y.to(self.device, non_blocking=True) if (y is not None and self.num_classes > 0) else None
-        return TokenBatch(self.modality.to_tokens(z), y, raw=x if self.teachers else None)
+        needs_raw = bool(self.teachers) or getattr(self.train_module.objective, "needs_raw", False)
+        return TokenBatch(self.modality.to_tokens(z), y, raw=x if needs_raw else None)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> Any:

@@ -33,6 +33,9 @@ def generate(graph: Any, n: int, labels: torch.Tensor | None, *, solver: Any = N
     drawn on the CPU so it is device-independent."""
     from runtime.compiler import tree_map
 
+    own = getattr(graph.train_module.objective, "generate", None)
+    if own is not None:  # objectives that are not generative flows (autoencoder training: reconstructions)
+        return own(graph, n, labels, seed=seed, use_ema=use_ema)
     net = graph.ema.module if (use_ema and graph.ema is not None) else graph.backbone
     was_training = net.training
     net.eval()
