@@ -226,7 +226,7 @@ def cross_problems(spec: Any) -> list[tuple[str, str]]:
         out += [(p or f"teachers.{name}", msg) for p, msg in _component_problems(teacher, spec)]
     for i, m in enumerate(spec.eval.metrics):
         out += [(p or f"eval.metrics[{i}]", msg) for p, msg in _component_problems(m, spec)]
-    return out
+    return list(dict.fromkeys(out))  # two components may see the same fault: say it once
 
 
 def _component_problems(params: Any, spec: Any) -> Iterable[tuple[str, str]]:

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from registry.kinds import AUTOENCODERS, BACKBONES, MODALITIES, OBJECTIVES, SOLVERS, TEACHERS
+from runtime.latents import CacheMismatch, autoencoder_identity, describe_identity, is_latent_data, stats_tensors
 from runtime.optim import EMA
+from zoo.autoencoders.base import decode_raw
 from zoo.core.types import LossOut, StepContext, TokenBatch
 from zoo.layers.attention import default_attention
 
@@ -45,6 +47,12 @@ class Graph:
     ema: EMA | None
     solver: Any
     attention: str                       # the attention backend actually used
+    latent_stats: Any = None             # latent-cache data: manifest (mean, std), each (C, 1, ..) (dict by stream)
+
+    @property
+    def latent_data(self) -> bool:
+        """True when the data's samples are cached latents (``latent_shards``), already normalised."""
+        return is_latent_data(self.spec.data)
 
     @property
     def backbone(self) -> nn.Module:
@@ -64,15 +72,23 @@ class Graph:
         """Data ``(B, *input_shape)`` (or a dict of such tensors by stream) -> clean tokens ``(B, N, P)`` on the
         device (frozen encoder, no grad)."""
         x = tree_map(lambda v: v.to(self.device, non_blocking=True), x)
-        z = tree_map(lambda v: v.float(), self.autoencoder.encode(x))
         y = y.to(self.device, non_blocking=True) if (y is not None and self.num_classes > 0) else None
         needs_raw = bool(self.teachers) or getattr(self.train_module.objective, "needs_raw", False)
+        if self.latent_data:  # cached latents, already normalised with the manifest's statistics: no encoder
+            z, raw = (x["latent"], x["raw"]) if self.spec.data.raw else (x, None)
+            return TokenBatch(self.modality.to_tokens(tree_map(lambda v: v.float(), z)), y,
+                              raw=raw if needs_raw else None)
+        z = tree_map(lambda v: v.float(), self.autoencoder.encode(x))
         return TokenBatch(self.modality.to_tokens(z), y, raw=x if needs_raw else None)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> Any:
-        """Tokens ``(B, N, P)`` -> data space ``(B, *input_shape)`` (a dict by stream for multi-stream data)."""
-        return self.autoencoder.decode(self.modality.from_tokens(tokens.float()))
+        """Tokens ``(B, N, P)`` -> data space ``(B, *input_shape)`` (a dict by stream for multi-stream data).
+        Cached latents are un-normalised with the SAME manifest statistics, ``decode_raw(z * std + mean)``."""
+        z = self.modality.from_tokens(tokens.float())
+        if self.latent_data:
+            return decode_raw(self.autoencoder, denormalise(z, self.latent_stats, self.device))
+        return self.autoencoder.decode(z)
 
     def train_flops_per_sample(self) -> float:
         """Analytic training FLOPs per sample: 3 x the backbone forward (forward + backward) plus what the
@@ -80,6 +96,14 @@ class Graph:
         fwd = self.backbone.flops(self.num_tokens)
         extra = getattr(self.train_module.objective, "extra_forward_flops", None)
         return 3 * fwd + (extra(self.backbone, self.num_tokens) if extra else 0.0)
+
+
+def denormalise(z: Any, stats: Any, device: torch.device) -> Any:
+    """Normalised latent ``(B, C, ...)`` -> raw units ``z * std + mean`` per channel (per stream for dicts)."""
+    if isinstance(z, dict):
+        return {k: denormalise(v, stats[k], device) for k, v in z.items()}
+    mean, std = stats
+    return z * std.to(device) + mean.to(device)
 
 
 def tree_map(fn: Any, x: Any) -> Any:
@@ -94,6 +118,8 @@ def time_steps(spec: Any) -> Any:
     if rates_fn is None:
         return None
     rates, shape = rates_fn(), spec.data.sample_shape()
+    if rates is None:  # e.g. a latent cache of data without a time axis
+        return None
     stride_fn = getattr(spec.autoencoder, "time_stride", None)
     strides = stride_fn(shape) if stride_fn is not None else 1
     out = {k: (strides.get(k, 1) if isinstance(strides, dict) else strides) / float(r) for k, r in rates.items()}
@@ -117,9 +143,11 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
     num_classes = int(spec.data.num_classes)
     modality = MODALITIES.build(spec.modality, backbone_patch=getattr(spec.backbone, "patch", None), latent_shape=latent_shape,
                                 time_step_s=time_steps(spec))
-    autoencoder, teachers = None, {}
+    autoencoder, teachers, latent_stats = None, {}, None
     if device.type != "meta" and load_frozen:
         autoencoder = AUTOENCODERS.build(spec.autoencoder).to(device).eval().requires_grad_(False)
+        if is_latent_data(spec.data):
+            latent_stats = check_latent_cache(spec, autoencoder, latent_shape)
         teachers = {name: TEACHERS.build(p, input_shape=teacher_input_shape(input_shape), token_grid=tuple(modality.grid))
                     .to(device).eval().requires_grad_(False) for name, p in spec.teachers.items()} if load_teachers else {}
 
@@ -140,8 +168,27 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
         spec=spec, device=device, autocast_dtype=resolve_autocast(spec.train.precision, device),
         input_shape=input_shape, latent_shape=latent_shape, num_classes=num_classes,
         autoencoder=autoencoder, teachers=teachers, modality=modality, train_module=train_module, ema=ema,
-        solver=SOLVERS.build(spec.solver), attention=bb_params.attention.type,
+        solver=SOLVERS.build(spec.solver), attention=bb_params.attention.type, latent_stats=latent_stats,
     )
+
+
+def check_latent_cache(spec: Any, autoencoder: nn.Module, latent_shape: Any) -> Any:
+    """The cache's normalisation as tensors (:func:`runtime.latents.stats_tensors`), after checking that the
+    cache was made by THIS autoencoder (type, params, weights hash) with this latent shape. Raises
+    :class:`runtime.latents.CacheMismatch` (a ValueError naming both) or FileNotFoundError (no cache)."""
+    from zoo.data.latent_shards import stats_body
+
+    m = spec.data.manifest("train")
+    mine, theirs = autoencoder_identity(spec.autoencoder, autoencoder), m["identity"]
+    if mine != theirs:
+        raise CacheMismatch(
+            f"the latent cache at {spec.data.path} was made with a different autoencoder than the spec's:\n"
+            f"  cache: {describe_identity(theirs)}\n  spec:  {describe_identity(mine)}\n"
+            f"re-cache with `python -m runtime.cache SPEC` (or point data.path at the matching cache)")
+    if _shape(m["latent_shape"]) != latent_shape:
+        raise CacheMismatch(f"the latent cache at {spec.data.path} holds latents {m['latent_shape']}; the spec's "
+                            f"autoencoder gives {latent_shape}; re-cache")
+    return stats_tensors(stats_body(m["stats"]), latent_shape)
 
 
 def teacher_input_shape(input_shape: Any) -> tuple[int, ...]:

@@ -373,7 +373,7 @@ def build_spec(arch: SourceArch, fmt: str, *, base_spec: str | Path | dict | Non
     ae = raw.setdefault("autoencoder", {"type": "identity"})
     if ae.get("type") == "diffusers":
         ae["latent_channels"] = arch.channels
-        data["size"] = size * int(ae.get("downsample", 8))
+        data["size"] = size * int(ae.get("downsample") or 8)
     elif ae.get("type") == "identity":
         data["size"] = size
         if "channels" in data_fields:

@@ -74,6 +74,7 @@ class GlobalBatchSampler:
         world_size: int,
         seed: int,
         shuffle: bool = True,
+        epoch_indexed: bool = False,
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -96,6 +97,7 @@ class GlobalBatchSampler:
         self.world_size = int(world_size)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
+        self.epoch_indexed = bool(epoch_indexed)  # yield epoch * N + i: datasets that draw per epoch (posteriors)
         self.micro_batch = self.global_batch // self.grad_accum  # all ranks together
         self.per_rank = self.micro_batch // self.world_size  # what this rank yields per next()
         self._micro_batches = 0  # micro-batches drawn so far (the cursor)
@@ -123,7 +125,8 @@ class GlobalBatchSampler:
         while pos < end:
             epoch, off = divmod(pos, self.num_samples)
             take = min(end - pos, self.num_samples - off)
-            out.extend(self.epoch_order(epoch)[off : off + take].tolist())
+            order = self.epoch_order(epoch)[off : off + take]
+            out.extend((order + epoch * self.num_samples if self.epoch_indexed else order).tolist())
             pos += take
         return out
 
@@ -242,7 +245,8 @@ def build_loader(
     deterministic per (seed, rank), and restored with the loader state.
     """
     sampler = GlobalBatchSampler(
-        len(dataset), global_batch, grad_accum, rank, world_size, seed, shuffle=shuffle
+        len(dataset), global_batch, grad_accum, rank, world_size, seed, shuffle=shuffle,
+        epoch_indexed=bool(getattr(dataset, "epoch_indexed", False)),
     )
     gen_seed = int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, np.uint64)[0] >> 1)
     kwargs: dict[str, Any] = {"generator": torch.Generator().manual_seed(gen_seed)}

@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime import distributed
     from runtime.checkpoint import latest_checkpoint
     from runtime.compiler import compile_spec
+    from runtime.latents import CacheMismatch
     from runtime.train import TrainingStopped, train
     from zoo.data.errors import DataError
 
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         return fail([f"data: {e}"])
     except FileNotFoundError as e:  # a weights file or directory named by the spec
+        return fail([str(e)])
+    except CacheMismatch as e:  # a latent cache made with another autoencoder
         return fail([str(e)])
     except TrainingStopped as e:
         sys.stderr.write(f"error: {e}\n")

@@ -28,6 +28,7 @@ from runtime.compiler import Graph
 from runtime.data import build_loader, collate_pairs
 from runtime.media_out import Written, write_samples
 from runtime.distributed import DistInfo, all_reduce_mean, all_true, barrier
+from runtime.latents import latent_health
 from runtime.optim import LearningRate, build_optimizer
 from runtime.sample import default_labels, generate
 from runtime.tracking import Tracker
@@ -103,6 +104,10 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
         start, skipped = ck.step, ck.state["skipped_steps"]
     # resume_step = the checkpoint's step (0 for a fresh start): drops lines a crashed run wrote after it
     tracker = Tracker(run_dir, tensorboard=spec.log.tensorboard, enabled=info.is_main, resume_step=start)
+    if info.is_main:  # unnormalised latents (wrong scale/shift or cache statistics) are said before step 1
+        probe = collate_pairs([dataset[i] for i in range(min(tr.batch_size, len(dataset)))])
+        for warning in latent_health(graph, probe):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     evaluator = Evaluator(graph, run_dir, tracker) if info.is_main else None
 
     def checkpoint(step: int) -> None:
@@ -208,8 +213,11 @@ class Evaluator:
                 vals.update({f"eval/{k}": v for k, v in m(images, labels).items()})
         for m in self.on_model:
             vals.update({f"eval/{k}": v for k, v in m.evaluate_model(self.graph).items()})
-        if with_real and self.on_samples:
-            real = DATASETS.build(self.graph.spec.data, split="eval")
+        data = self.graph.spec.data
+        if hasattr(data, "latent_stats"):  # a latent cache: the ceiling is measured on the data it encodes
+            data = getattr(data, "source", None)
+        if with_real and self.on_samples and data is not None:
+            real = DATASETS.build(data, split="eval")
             x, y = collate_pairs([real[i] for i in range(min(n, len(real)))])
             for m in self.on_samples:
                 vals.update({f"real/{k}": v for k, v in m(x, y).items()})

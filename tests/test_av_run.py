@@ -79,3 +79,14 @@ def test_other_media_specs_run(tmp_path, name, kind):
     clips = sorted((out / "samples" / "step_00000003").glob(f"*{kind}"))
     assert len(clips) == 4 and (out / "samples" / "step_00000003.png").is_file()
     assert (out / "report.html").is_file()
+
+
+def test_unnormalised_latents_are_reported_before_training(tmp_path, capsys):
+    """A latent scale far off (here the spectrogram's scale x 100) is said on stderr before step 1; the run goes on."""
+    argv = [str(ROOT / "specs" / "selfflow_audio.json"), "--out", str(tmp_path / "run"), "--set", "autoencoder.scale=800",
+            "--set", "eval.at_end=false"]
+    for s in SETS:
+        argv += ["--set", s]
+    assert run_cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: latents look unnormalised" in err and "autoencoder.scale/shift" in err

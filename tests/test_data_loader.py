@@ -163,3 +163,13 @@ def test_restore_loader_across_worker_counts(saved, now):
             restore_loader(fresh, state)
     got = [x for x, _ in itertools.islice(iter(fresh), 5)]
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+
+
+def test_epoch_indexed_stream_tells_draws_apart():
+    """With ``epoch_indexed`` the sampler yields ``epoch * N + i``: the same samples as the plain stream, with the
+    epoch on top (datasets that draw a fresh posterior sample per epoch read it with ``divmod``)."""
+    plain = GlobalBatchSampler(5, 5, 1, 0, 1, seed=3)
+    indexed = GlobalBatchSampler(5, 5, 1, 0, 1, seed=3, epoch_indexed=True)
+    a, b = plain.stream(0, 15), indexed.stream(0, 15)
+    assert [x % 5 for x in b] == a
+    assert [x // 5 for x in b] == [0] * 5 + [1] * 5 + [2] * 5

@@ -287,3 +287,19 @@ def test_audio_video_spec_with_a_bad_hop_names_the_audio_part():
     with pytest.raises(SpecError) as err:
         validate(raw)
     assert "autoencoder.parts.audio" in str(err.value) and "not a multiple of hop 48" in str(err.value)
+
+
+def test_image_spec_with_an_audio_autoencoder_is_one_spec_error():
+    """The image modality and the autoencoder both notice the wrong input; the user reads it once, at its path."""
+    import json
+    from pathlib import Path
+
+    from registry.errors import SpecError
+    from registry.spec import validate
+
+    raw = json.loads((Path(__file__).resolve().parent.parent / "specs" / "fm_digits_tiny.json").read_text())
+    raw["autoencoder"] = {"type": "stft"}
+    with pytest.raises(SpecError) as err:
+        validate(raw)
+    lines = [ln for ln in str(err.value).splitlines() if "takes mono audio" in ln]
+    assert lines == ["autoencoder: autoencoder 'stft' takes mono audio (1, L); the data give (1, 16, 16)"]

@@ -51,7 +51,33 @@ def _diffusers_vae(tmp: Path) -> dict:
     return {"path": str(tmp / "vae"), "downsample": 2}
 
 
+def _latent_cache(tmp: Path) -> dict:
+    """A 20-sample identity cache of tiny digits, normalised with the identity's (0, 1): items stay in [-1, 1]."""
+    from registry.spec import validate
+    from runtime.cache import build_cache
+    from zoo.data.latent_shards import without_cache_checks
+
+    source = {"type": "digits", "preset": "tiny", "length": 20}
+    raw = {"version": 1, "name": "contract", "modality": {"type": "image"}, "backbone": {"type": "sit", "preset": "tiny"},
+           "objective": {"type": "flow_matching"}, "train": {"steps": 1, "batch_size": 2},
+           "data": {"type": "latent_shards", "path": str(tmp / "cache"), "source": source, "stats": "autoencoder"}}
+    with without_cache_checks():
+        build_cache(validate(raw), tmp / "cache", shard_size=8, progress=False)
+    return {"path": str(tmp / "cache"), "source": source, "stats": "autoencoder"}
+
+
+def _vae_run(tmp: Path, tag: str) -> dict:
+    """``conv_vae`` / ``conv_vae_1d`` tag a backbone (no required fields) and an autoencoder that loads a trained
+    run; REQUIRED is keyed by tag alone, so the row tells them apart by the test's tmp directory name."""
+    if "autoencoder" not in tmp.name:
+        return {}
+    from tests.test_conv_vae import vae_run_fields
+
+    return vae_run_fields(tmp, tag)
+
+
 REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag -> fields an entry cannot exist without
+    "latent_shards": _latent_cache,
     "image_folder": _image_folder,
     "video_folder": lambda tmp: _media_folder(tmp, "video"),
     "audio_folder": lambda tmp: _media_folder(tmp, "audio"),
@@ -61,6 +87,8 @@ REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag -> fields an entry cannot
     "linear_probe": lambda tmp: {"block": 2, "num_train": 100, "num_test": 50},
     "repa": lambda tmp: {"encoders": ["t"]},
     "vit": lambda tmp: {"weights": None},
+    "conv_vae": lambda tmp: _vae_run(tmp, "conv_vae"),  # a trained run: 1 tiny step
+    "conv_vae_1d": lambda tmp: _vae_run(tmp, "conv_vae_1d"),
     "streams": lambda tmp: {"parts": {"video": {"type": "identity"}, "audio": {"type": "stft", "n_fft": 32}}},  # random init: allowed for tests only (specs must name a file)
 }
 
@@ -71,6 +99,7 @@ AUTOENCODER_INPUT: dict[str, Any] = {    # tag -> input shape (default (3, 16, 1
     "waveform": (1, 256),
     "stft": (1, 256),
     "spectrogram": (1, 256),
+    "conv_vae_1d": (1, 256),
     "streams": {"video": (1, 4, 8, 8), "audio": (1, 256)},
 }
 MODALITY_EXAMPLE: dict[str, Callable[[], dict]] = {  # tag -> build deps (default backbone_patch=2, latent (3, 8, 12))

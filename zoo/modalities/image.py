@@ -46,7 +46,11 @@ class ImageModalityParams(ZooParams):
 
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
         """Spec checks before any tensor exists: a 3-D latent whose H and W the backbone patch divides."""
-        latent = tuple(spec.autoencoder.latent_shape(spec.data.sample_shape()))
+        try:
+            latent = tuple(spec.autoencoder.latent_shape(spec.data.sample_shape()))
+        except ValueError as e:
+            yield "autoencoder", str(e)  # data the autoencoder cannot take (wrong rank, several streams)
+            return
         if len(latent) != 3:
             yield "data", f"modality 'image' needs a 3-D latent (C, H, W); the data/autoencoder give {latent}"
             return

@@ -47,10 +47,11 @@ class DigitClassifierTeacherParams(ZooParams):
         return (_grid(int(input_shape[-1])),) * 2
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
-        if spec.data.type not in ("digits", "bouncing_digits_av"):
+        data = getattr(spec.data, "source", None) or spec.data  # a latent cache: the data it encodes
+        if data.type not in ("digits", "bouncing_digits_av"):
             yield (spec_path(spec, self, "type"),
                    f"teacher 'classifier' is trained on the digits generator and needs data.type 'digits' (or the "
-                   f"frames of 'bouncing_digits_av', which draw the same glyphs), got {spec.data.type!r}")
+                   f"frames of 'bouncing_digits_av', which draw the same glyphs), got {data.type!r}")
 
 
 @TEACHERS.register
