@@ -89,6 +89,7 @@ def shard_plan(num_samples: int, shard_size: int, world_size: int) -> list[Shard
 
 # -------------------------------------------------------------------------------------------- manifest
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to a temporary sibling, fsync it, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(json.dumps(obj, indent=2) + "\n")

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
@@ -408,7 +406,7 @@ class _VAEAutoencoder(nn.Module):
         if entry is None:
             entry = dict(zip(("mean", "std"), compute_latent_stats(self.net, raw, self.params.stats_samples)))
             cached = {"step": self.step, **(cached if cached.get("step") == self.step else {}), key: entry}
-            _atomic_write(path, json.dumps(cached, indent=2) + "\n")
+            _atomic_write(path, cached)
         return list(entry["mean"]), list(entry["std"])
 
     def published_stats(self) -> tuple[list[float], list[float]]:
@@ -468,16 +466,15 @@ def compute_latent_stats(net: nn.Module, raw_spec: dict, n: int, batch: int = 25
     return mean.tolist(), std.tolist()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory (no torn reads); a read-only
-    checkpoint directory is left alone."""
+def _atomic_write(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON through a temporary file in the same directory (no torn reads); a read-only
+    checkpoint directory is left alone (the statistics are then recomputed when next needed)."""
+    from runtime.latents import write_json_atomic
+
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".latent_stats.", suffix=".tmp")
+        write_json_atomic(path, obj)
     except OSError:
         return
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 @AUTOENCODERS.register
