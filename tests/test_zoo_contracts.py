@@ -147,6 +147,13 @@ def tiny_backbone(num_classes: int = 3) -> torch.nn.Module:
                            num_classes=num_classes)
 
 
+OBJECTIVE_STUDENT: dict[str, Callable[[], torch.nn.Module]] = {  # tag -> the student it trains (default sit tiny)
+    # a VAE of the contract batch's raw (3, 8, 8) images: downsample 2 -> token_dim 3 * 2 * 2, grid 4 x 4
+    "autoencoder": lambda: BACKBONES.build(BACKBONES.get("conv_vae").Params(type="conv_vae", preset="tiny"),
+                                           token_dim=12, grid=(4, 4), num_classes=3),
+}
+
+
 @pytest.mark.parametrize("tag", entries(BACKBONES))
 def test_backbone_contract(tag, tmp_path):
     torch.manual_seed(0)
@@ -169,7 +176,8 @@ def test_backbone_contract(tag, tmp_path):
 @pytest.mark.parametrize("tag", entries(OBJECTIVES))
 def test_objective_contract(tag, tmp_path):
     torch.manual_seed(0)
-    student, ema = tiny_backbone(), tiny_backbone()
+    make = OBJECTIVE_STUDENT.get(tag, tiny_backbone)
+    student, ema = make(), make()
     tp = TEACHERS.get("vit").Params(type="vit", preset="tiny", weights=None)
     teacher = TEACHERS.build(tp, input_shape=(3, 8, 8))
     obj = OBJECTIVES.build(params_for(OBJECTIVES, tag, tmp_path), hidden=student.hidden, depth=student.depth,

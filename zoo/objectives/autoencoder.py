@@ -18,9 +18,6 @@ samples, chosen in order so that sample ``i`` has label ``labels[i]`` (the first
 unconditional; for the digits datasets, whose label is ``index % 10``, that is the first ``n`` samples), so
 the run's sample sheets and metrics (class accuracy, classifier FD against real data: an rFID analogue)
 apply unchanged.
-
-A backbone without ``encode_moments`` (not a spec choice: :meth:`problems` refuses it) is trained as a
-deterministic token autoencoder: ``pred = backbone(x0, t = 0, y = None).pred`` against ``x0``, without KL.
 """
 from __future__ import annotations
 
@@ -102,7 +99,8 @@ class AutoencoderObjective(nn.Module):
         """``batch.raw`` ``(B, C, *S)``; ``student.encode_moments`` / ``decode`` as in the module docstring."""
         p = self.params
         if not hasattr(student, "encode_moments"):
-            return self._token_autoencoder(student, batch)
+            raise TypeError(f"objective 'autoencoder' trains a VAE backbone (conv_vae, conv_vae_1d); "
+                            f"got {type(student).__name__}")
         if batch.raw is None or isinstance(batch.raw, dict):
             raise ValueError("objective 'autoencoder' needs the data-space batch (TokenBatch.raw) of one stream")
         x = batch.raw.float()
@@ -127,12 +125,6 @@ class AutoencoderObjective(nn.Module):
         with torch.no_grad():
             target = teacher.features(x).float()
         return F.mse_loss(teacher.features(rec.float()).float(), target)
-
-    def _token_autoencoder(self, student: nn.Module, batch: TokenBatch) -> LossOut:
-        x0 = batch.x0
-        pred = student(x0, torch.zeros(x0.shape[0], device=x0.device), None).pred
-        loss = reconstruction_loss(pred, x0, self.params.reconstruction)
-        return LossOut(loss=loss, metrics={"loss_rec": loss.detach()})
 
     @torch.no_grad()
     def generate(self, graph: Any, n: int, labels: Tensor | None, *, seed: int = 0, use_ema: bool = True) -> Tensor:
