@@ -67,16 +67,13 @@ def _latent_cache(tmp: Path) -> dict:
 
 
 def _vae_run(tmp: Path, tag: str) -> dict:
-    """``conv_vae`` / ``conv_vae_1d`` tag a backbone (no required fields) and an autoencoder that loads a trained
-    run; REQUIRED is keyed by tag alone, so the row tells them apart by the test's tmp directory name."""
-    if "autoencoder" not in tmp.name:
-        return {}
+    """A trained 1-step ``tag`` run: the ``conv_vae`` / ``conv_vae_1d`` autoencoders load one."""
     from tests.test_conv_vae import vae_run_fields
 
     return vae_run_fields(tmp, tag)
 
 
-REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag -> fields an entry cannot exist without
+REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag (or "kind:tag") -> fields an entry cannot exist without
     "latent_shards": _latent_cache,
     "image_folder": _image_folder,
     "video_folder": lambda tmp: _media_folder(tmp, "video"),
@@ -87,8 +84,8 @@ REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag -> fields an entry cannot
     "linear_probe": lambda tmp: {"block": 2, "num_train": 100, "num_test": 50},
     "repa": lambda tmp: {"encoders": ["t"]},
     "vit": lambda tmp: {"weights": None},
-    "conv_vae": lambda tmp: _vae_run(tmp, "conv_vae"),  # a trained run: 1 tiny step
-    "conv_vae_1d": lambda tmp: _vae_run(tmp, "conv_vae_1d"),
+    "autoencoder:conv_vae": lambda tmp: _vae_run(tmp, "conv_vae"),  # the backbones of the same tags need nothing
+    "autoencoder:conv_vae_1d": lambda tmp: _vae_run(tmp, "conv_vae_1d"),
     "streams": lambda tmp: {"parts": {"video": {"type": "identity"}, "audio": {"type": "stft", "n_fft": 32}}},  # random init: allowed for tests only (specs must name a file)
 }
 
@@ -134,7 +131,8 @@ def params_for(reg, tag: str, tmp: Path) -> Any:
     raw: dict = {"type": tag}
     if "tiny" in reg.get(tag).Params.presets:
         raw["preset"] = "tiny"
-    raw.update(REQUIRED[tag](tmp) if tag in REQUIRED else {})
+    key = f"{reg.kind}:{tag}" if f"{reg.kind}:{tag}" in REQUIRED else tag  # "kind:tag" where one tag names two
+    raw.update(REQUIRED[key](tmp) if key in REQUIRED else {})
     return reg.get(tag).Params.model_validate(raw)
 
 
