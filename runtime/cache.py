@@ -128,7 +128,7 @@ def encode_shards(ae: Any, dataset: Any, shards: list[Shard], out: Path, batch_s
     batches = [list(range(a, min(a + batch_size, s.stop))) for s in todo for a in range(s.start, s.stop, batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_pairs)
     bar = tqdm(total=sum(s.count for s in todo), disable=not progress, unit="sample", desc=f"caching {out}",
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)  # logs: a line per 30 s
     it, done = iter(loader), 0
     for s in todo:
         means, logvars, labels = [], [], []

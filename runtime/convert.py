@@ -367,6 +367,8 @@ def build_spec(arch: SourceArch, fmt: str, *, base_spec: str | Path | dict | Non
     raw["name"] = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or f"converted_{fmt}")
 
     data = raw.setdefault("data", {})
+    if isinstance(data.get("source"), dict):  # a latent cache: the sizes belong to the data it encodes
+        data = data["source"]
     data_fields = DATASETS.get(data["type"]).Params.model_fields if data.get("type") in DATASETS.names() else {}
     if "num_classes" in data_fields:
         data["num_classes"] = arch.num_classes

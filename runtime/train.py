@@ -32,6 +32,7 @@ from runtime.latents import latent_health
 from runtime.optim import LearningRate, build_optimizer
 from runtime.sample import default_labels, generate
 from runtime.tracking import Tracker
+from zoo.core.params import data_space
 from zoo.core.types import StepContext, StepRNG, TokenBatch
 
 
@@ -182,7 +183,8 @@ class Evaluator:
     def __init__(self, graph: Graph, run_dir: Path, tracker: Tracker | None):
         self.graph, self.run_dir, self.tracker = graph, run_dir, tracker
         spec = graph.spec
-        self.metrics = [METRICS.build(m, data_params=spec.data, device=graph.device) for m in spec.eval.metrics]
+        self.metrics = [METRICS.build(m, data_params=data_space(spec.data), device=graph.device)
+                        for m in spec.eval.metrics]
         self.on_samples = [m for m in self.metrics if not getattr(m, "uses_model", False)]
         self.on_model = [m for m in self.metrics if getattr(m, "uses_model", False)]
 
@@ -213,11 +215,8 @@ class Evaluator:
                 vals.update({f"eval/{k}": v for k, v in m(images, labels).items()})
         for m in self.on_model:
             vals.update({f"eval/{k}": v for k, v in m.evaluate_model(self.graph).items()})
-        data = self.graph.spec.data
-        if hasattr(data, "latent_stats"):  # a latent cache: the ceiling is measured on the data it encodes
-            data = getattr(data, "source", None)
-        if with_real and self.on_samples and data is not None:
-            real = DATASETS.build(data, split="eval")
+        if with_real and self.on_samples:  # a latent cache: the ceiling is measured on the data it encodes
+            real = DATASETS.build(data_space(self.graph.spec.data), split="eval")
             x, y = collate_pairs([real[i] for i in range(min(n, len(real)))])
             for m in self.on_samples:
                 vals.update({f"real/{k}": v for k, v in m(x, y).items()})

@@ -294,3 +294,22 @@ def test_two_step_training_run_on_a_cache(affine_cache, tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l] == [1, 2]
     assert (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
+
+
+def test_digit_metrics_and_ceiling_on_a_cache_without_source(affine_cache, tmp_path):
+    """A cache named by its path alone still tells metrics what it encodes (the manifest's data spec): the digit
+    metrics validate, and the real-data ceiling is measured on that data."""
+    from registry.kinds import DATASETS as D
+    from runtime.run import main
+    from zoo.core.params import data_space
+
+    raw = tiny_spec_dict(data={"type": "latent_shards", "path": str(affine_cache)})
+    assert data_space(validate(raw).data).model_dump(mode="json") == \
+        D.get(SOURCE["type"]).Params.model_validate(SOURCE).model_dump(mode="json")
+    raw["eval"] = {"num_samples": 8, "metrics": [{"type": "class_accuracy"}]}
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(raw))
+    assert main([str(spec_file), "--out", str(tmp_path / "run"), "--set", "train.steps=1",
+                 "--set", "train.warmup_steps=0"]) == 0
+    final = json.loads(sorted((tmp_path / "run" / "eval").glob("*.json"))[-1].read_text())
+    assert final["real/class_accuracy"] >= 0.9 and 0.0 <= final["eval/class_accuracy"] <= 1.0

@@ -2,4 +2,13 @@
 imported without importing the zoo first."""
 from registry.params import Settings, ZooParams
 
-__all__ = ["Settings", "ZooParams"]
+from typing import Any
+
+__all__ = ["Settings", "ZooParams", "data_space"]
+
+
+def data_space(data: Any) -> Any:
+    """The params of the data a spec's samples come from: for a latent cache the data it encodes (its
+    ``data_space()``), otherwise ``data`` itself. Metrics and teachers that read data-space samples check this."""
+    fn = getattr(data, "data_space", None)
+    return fn() if fn is not None else data

@@ -105,6 +105,15 @@ class LatentShardsParams(ZooParams):
                                     f"with `python -m runtime.cache SPEC{'' if split == 'train' else ' --split eval'}`")
         return m
 
+    def data_space(self) -> Any:
+        """The params of the encoded data: ``source``, or the data spec recorded in the manifest."""
+        if self.source is not None:
+            return self.source
+        from registry.kinds import DATASETS
+
+        data = self.manifest()["data"]
+        return DATASETS.get(data["type"]).Params.model_validate(data)
+
     @property
     def num_classes(self) -> int:
         return int(self.source.num_classes) if self.source is not None else int(self.manifest()["num_classes"])

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from registry.kinds import METRICS
-from zoo.core.params import ZooParams
+from zoo.core.params import ZooParams, data_space
 from zoo.data.bouncing_av import GENERATOR_VERSION, BouncingDigitsAVDataParams, render_clip
 from zoo.metrics.classifier import DigitClassifier, cache_dir, fit_classifier, get_digit_classifier
 from zoo.metrics.dtmf import burst_onsets, decode_digit, video_bounces
@@ -199,6 +199,7 @@ def get_frame_classifier(dp: BouncingDigitsAVDataParams, device: torch.device | 
 # --------------------------------------------------------------------------------------------- metrics
 def _data_problems(name: str, data: Any, needs: tuple[str, ...]) -> Iterable[tuple[str, str]]:
     """``("", message)`` pairs (the caller adds the metric's path) when ``data`` cannot feed metric ``name``."""
+    data = data_space(data)
     if data.type != DATA_TYPE:
         yield "", f"{name} needs data.type {DATA_TYPE!r} (digit glyphs + DTMF tones), got {data.type!r}"
         return

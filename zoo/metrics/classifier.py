@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from registry.kinds import METRICS
-from zoo.core.params import ZooParams
+from zoo.core.params import ZooParams, data_space
 from zoo.data.digits import GENERATOR_VERSION, NUM_CLASSES, DigitsDataParams, render_digit
 from zoo.metrics.frechet import feature_stats, frechet_distance
 
@@ -280,9 +280,10 @@ def get_digit_classifier(size: int, channels: int, device: torch.device | str | 
 
 # --------------------------------------------------------------------------------------------- metrics
 def _needs_digits(name: str, spec: Any) -> Iterable[tuple[str, str]]:
-    if spec.data.type != "digits":
+    data = data_space(spec.data)
+    if data.type != "digits":
         yield ("eval.metrics", f"{name} needs data.type 'digits' (its classifier is trained on the digits "
-                               f"generator), got {spec.data.type!r}")
+                               f"generator), got {data.type!r}")
 
 
 def _finite(samples: Tensor, name: str) -> bool:
@@ -309,6 +310,7 @@ class ClassAccuracy:
     Params = ClassAccuracyMetricParams
 
     def __init__(self, params: ClassAccuracyMetricParams, data_params: Any, device: torch.device | str = "cpu"):
+        data_params = data_space(data_params)
         if data_params.type != "digits":
             raise ValueError(f"class_accuracy needs data.type 'digits', got {data_params.type!r}")
         self.params = params
@@ -352,6 +354,7 @@ class ClassifierFD:
     Params = ClassifierFDMetricParams
 
     def __init__(self, params: ClassifierFDMetricParams, data_params: Any, device: torch.device | str = "cpu"):
+        data_params = data_space(data_params)
         if data_params.type != "digits":
             raise ValueError(f"classifier_fd needs data.type 'digits', got {data_params.type!r}")
         self.params, self.data_params = params, data_params

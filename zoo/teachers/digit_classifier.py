@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import TEACHERS
-from zoo.core.params import ZooParams
+from zoo.core.params import ZooParams, data_space
 from zoo.metrics.classifier import RECIPE, get_digit_classifier
 from zoo.teachers.common import spec_path
 
@@ -47,7 +47,7 @@ class DigitClassifierTeacherParams(ZooParams):
         return (_grid(int(input_shape[-1])),) * 2
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
-        data = getattr(spec.data, "source", None) or spec.data  # a latent cache: the data it encodes
+        data = data_space(spec.data)  # a latent cache: the data it encodes
         if data.type not in ("digits", "bouncing_digits_av"):
             yield (spec_path(spec, self, "type"),
                    f"teacher 'classifier' is trained on the digits generator and needs data.type 'digits' (or the "
