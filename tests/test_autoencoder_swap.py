@@ -56,3 +56,21 @@ def test_only_the_autoencoder_changes(kind, tokens, autoencoders, tmp_path):
     assert graph.num_tokens == tokens
     x = graph.decode(torch.zeros(1, graph.num_tokens, graph.modality.token_dim))
     assert tuple(x.shape) == (1, 1, 32, 32)
+
+
+def test_audio_flow_in_a_learned_audio_latent(tmp_path):
+    """The audio counterpart: Self-Flow on the latent of a (1-step) ``vae_audio`` run writes playable WAVs."""
+    vae = tmp_path / "vae_audio"
+    assert _run(SPECS / "vae_audio.json", vae, ["train.steps=1", "train.warmup_steps=0", "train.batch_size=2",
+                                                 "train.checkpoint_every=1", "eval.at_end=false", "sample.n=2",
+                                                 "log.progress=false", "log.tensorboard=false",
+                                                 "backbone.channels=[8,8]", "backbone.groups=4"]) == 0
+    out = tmp_path / "flow"
+    sets = [s for s in TINY if not s.startswith("backbone.")] + [
+        f"autoencoder.run={vae}", "autoencoder.stats_samples=16", "backbone.hidden=32", "backbone.double_blocks=1",
+        "backbone.single_blocks=1"]
+    assert _run(SPECS / "selfflow_audio_latent.json", out, sets) == 0
+    graph, _ = graph_from_checkpoint(out, torch.device("cpu"))
+    assert graph.latent_shape == (8, 250) and graph.num_tokens == 50  # 4000 samples / 16, patches of 5
+    wavs = sorted((out / "samples" / "step_00000002").glob("*.wav"))
+    assert len(wavs) == 4 and all(w.stat().st_size > 8000 for w in wavs)
