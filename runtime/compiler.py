@@ -46,7 +46,7 @@ class Graph:
     train_module: TrainModule            # trainable: .backbone, .objective
     ema: EMA | None
     solver: Any
-    attention: str                       # the attention backend actually used
+    attention: str | None                # the attention backend actually used (None: a backbone without attention)
     latent_stats: Any = None             # latent-cache data: manifest (mean, std), each (C, 1, ..) (dict by stream)
 
     @property
@@ -153,7 +153,8 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
 
     bb_params = spec.backbone
     attn_dev = torch.device("cpu") if device.type == "meta" else device
-    if bb_params.attention is None:  # auto: xformers on CUDA when importable, else SDPA
+    has_attention = "attention" in type(bb_params).model_fields  # conv backbones (conv_vae) have none
+    if has_attention and bb_params.attention is None:  # auto: xformers on CUDA when importable, else SDPA
         bb_params = bb_params.model_copy(update={"attention": default_attention(attn_dev)})
     torch.manual_seed(spec.train.seed)  # initialisation depends only on the seed
     with torch.device(device):
@@ -168,7 +169,7 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
         spec=spec, device=device, autocast_dtype=resolve_autocast(spec.train.precision, device),
         input_shape=input_shape, latent_shape=latent_shape, num_classes=num_classes,
         autoencoder=autoencoder, teachers=teachers, modality=modality, train_module=train_module, ema=ema,
-        solver=SOLVERS.build(spec.solver), attention=bb_params.attention.type, latent_stats=latent_stats,
+        solver=SOLVERS.build(spec.solver), attention=bb_params.attention.type if has_attention else None, latent_stats=latent_stats,
     )
 
 

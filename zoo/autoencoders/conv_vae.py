@@ -150,8 +150,6 @@ class _VAEParamsBase(ZooParams):
     res_blocks: int = Field(1, ge=1, description="Residual blocks per level (encoder and decoder).")
     factor: int = Field(2, ge=2, description="Downsampling per level (even); downsample = factor ** levels.")
     groups: int = Field(8, gt=0, description="GroupNorm groups (gcd with each width).")
-    attention: "AttentionSpec | None" = Field(  # noqa: F821 (resolved by registry.spec.rebuild)
-        None, description="Unused (the network has no attention); kept so the runtime can record a backend.")
 
     dims: ClassVar[int] = 2
 
