@@ -7,7 +7,7 @@ every value explicit (and the preset name, for the record), so re-validating it 
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -20,6 +20,9 @@ class ZooParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {}}
+    field_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Names other components use for what this one calls otherwise (mmdit: ``{"depth": ("double_blocks",
+    "single_blocks")}``); an unknown field close to one points at these fields."""
 
     preset: str | None = Field(
         default=None,
@@ -47,3 +50,11 @@ class Settings(BaseModel):
     """Base for untagged spec sections (``train``, ``sample``, ...): forbid unknown keys, frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class StreamKeys:
+    """Marks a dict field keyed by the run's modality streams, ``Annotated[dict[str, float], StreamKeys()]``:
+    the spec checker refuses a key that names none of ``spec.modality.segment_names`` (nor ``also``)."""
+
+    def __init__(self, also: Iterable[str] = ()):
+        self.also = frozenset(also)

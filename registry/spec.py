@@ -8,15 +8,17 @@ entries registered now, so a plugin's new entry is accepted everywhere its kind 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from functools import cache
+from typing import Any, Iterable, Literal, get_args
 
 import pydantic
 from pydantic import Field
 
 from registry.errors import SpecError, closest
 from registry.kinds import ALL, AUTOENCODERS, LR_SCHEDULES, SOLVERS
-from registry.params import Settings
+from registry.params import Settings, StreamKeys
 
 SPEC_VERSION = 1
 
@@ -161,22 +163,42 @@ def _json_path(loc: tuple, raw: Any) -> str:
     return "".join(parts)
 
 
-def _known_fields(loc: tuple, raw: Any) -> list[str]:
-    """Field names allowed in the object that holds ``loc[-1]`` (best effort, for "did you mean")."""
+def _holder(loc: tuple, raw: Any) -> Any:
+    """The raw object that holds ``loc[-1]`` (union-tag steps skipped)."""
     node = raw
     for step in loc[:-1]:
         if isinstance(node, dict) and step in node:
             node = node[step]
         elif isinstance(node, list) and isinstance(step, int) and step < len(node):
             node = node[step]
+    return node
+
+
+def _known_fields(loc: tuple, raw: Any) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """Field names allowed in the object that holds ``loc[-1]``, and the ``field_aliases`` of its params (best
+    effort, for "did you mean")."""
+    node = _holder(loc, raw)
     if isinstance(node, dict) and "type" in node:
-        return sorted({f for r in ALL.values() for t, c in r.items() if t == node["type"] for f in c.Params.model_fields})
+        models = [c.Params for r in ALL.values() for t, c in r.items() if t == node["type"]]
+        return (sorted({f for m in models for f in m.model_fields}),
+                {a: fs for m in models for a, fs in getattr(m, "field_aliases", {}).items()})
     top = {"train": TrainSettings, "sample": SampleSettings, "eval": EvalSettings, "log": LogSettings}
     if len(loc) == 2 and loc[0] in top:
-        return list(top[loc[0]].model_fields)
+        return list(top[loc[0]].model_fields), {}
     if len(loc) == 1:
-        return [f if f != "schema_" else "$schema" for f in spec_model().model_fields]
-    return []
+        return [f if f != "schema_" else "$schema" for f in spec_model().model_fields], {}
+    return [], {}
+
+
+def _unknown_field(name: str, loc: tuple, raw: Any) -> str:
+    """``unknown field; did you mean 'depth'?``; a name close to another component's field that this one
+    spells otherwise (``field_aliases``) points at this one's fields."""
+    fields, aliases = _known_fields(loc, raw)
+    near = closest(name, [*fields, *aliases])
+    if near in aliases and near not in fields:
+        holder = _holder(loc, raw)  # a dict with a "type": _known_fields found aliases only there
+        return f"unknown field; did you mean {' or '.join(map(repr, aliases[near]))}? ({holder['type']} has no {near!r})"
+    return "unknown field" + (f"; did you mean {near!r}?" if near else "")
 
 
 def problems_from_validation(err: pydantic.ValidationError, raw: Any) -> list[tuple[str, str]]:
@@ -193,8 +215,7 @@ def problems_from_validation(err: pydantic.ValidationError, raw: Any) -> list[tu
         elif typ == "union_tag_not_found":
             msg = "missing 'type' (every component is {\"type\": ..., ...})"
         elif typ == "extra_forbidden":
-            near = closest(str(loc[-1]), _known_fields(loc, raw))
-            msg = "unknown field" + (f"; did you mean {near!r}?" if near else "")
+            msg = _unknown_field(str(loc[-1]), loc, raw)
         else:
             msg = e["msg"]
             if msg.startswith("Value error, "):
@@ -211,8 +232,6 @@ def cross_problems(spec: Any) -> list[tuple[str, str]]:
     tr = spec.train
     if tr.batch_size % tr.grad_accum:
         out.append(("train.grad_accum", f"batch_size {tr.batch_size} is not divisible by grad_accum {tr.grad_accum}"))
-    if tr.warmup_steps > tr.steps:
-        out.append(("train.warmup_steps", f"{tr.warmup_steps} warm-up steps exceed the run's {tr.steps} steps"))
     if spec.sample.guidance_low > spec.sample.guidance_high:
         out.append(("sample.guidance_low", "guidance_low must not exceed guidance_high"))
     ncls = spec.data.num_classes
@@ -220,6 +239,7 @@ def cross_problems(spec: Any) -> list[tuple[str, str]]:
         bad = [y for y in spec.sample.labels if not 0 <= y < max(ncls, 1)]
         if bad:
             out.append(("sample.labels", f"labels {bad} are outside 0..{ncls - 1}"))
+    out += stream_key_problems(spec)
     for section in RESOLVED_SECTIONS:
         out += list(_component_problems(getattr(spec, section), spec))
     for name, teacher in spec.teachers.items():
@@ -232,6 +252,50 @@ def cross_problems(spec: Any) -> list[tuple[str, str]]:
 def _component_problems(params: Any, spec: Any) -> Iterable[tuple[str, str]]:
     fn = getattr(params, "problems", None)
     return fn(spec) if fn is not None else ()
+
+
+@cache
+def _stream_keyed(model: type[pydantic.BaseModel]) -> dict[str, StreamKeys]:
+    """The fields of ``model`` marked :class:`StreamKeys` (on the field or on a member of its union)."""
+    out = {}
+    for name, info in model.model_fields.items():
+        marks, stack = [m for m in info.metadata if isinstance(m, StreamKeys)], [info.annotation]
+        while stack and not marks:
+            args = get_args(stack.pop())
+            marks = [a for a in args if isinstance(a, StreamKeys)]
+            stack += [a for a in args if not isinstance(a, StreamKeys)]
+        if marks:
+            out[name] = marks[0]
+    return out
+
+
+def stream_key_problems(spec: Any) -> list[tuple[str, str]]:
+    """Every key of a :class:`StreamKeys` dict, anywhere in the spec, names a modality stream of the run."""
+    names = tuple(getattr(spec.modality, "segment_names", ()))
+    out: list[tuple[str, str]] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, pydantic.BaseModel):
+            marked = _stream_keyed(type(node))
+            for field in type(node).model_fields:
+                value, sub = getattr(node, field), f"{path}.{field}" if path else field
+                if field in marked and isinstance(value, dict):
+                    for key in value:
+                        if key not in names and key not in marked[field].also:
+                            near = closest(key, names)
+                            out.append((f"{sub}.{key}", f"unknown modality {key!r} (known: {', '.join(sorted(names))})"
+                                        + (f"; did you mean {near!r}?" if near else "")))
+                walk(value, sub)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+
+    if names:
+        walk(spec, "")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -290,6 +354,17 @@ def resolve_defaults(spec: Any) -> Any:
     return spec.model_copy(update=updates) if updates else spec
 
 
+def clip_warmup(spec: Any) -> Any:
+    """A warm-up longer than the run (a short smoke run of a long spec) is clipped to ``train.steps``, with a
+    warning on stderr; the resolved spec holds the clipped value."""
+    tr = spec.train
+    if tr.warmup_steps <= tr.steps:
+        return spec
+    sys.stderr.write(f"warning: train.warmup_steps {tr.warmup_steps} > train.steps {tr.steps}; "
+                     f"warm-up clipped to {tr.steps} steps\n")
+    return spec.model_copy(update={"train": tr.model_copy(update={"warmup_steps": tr.steps})})
+
+
 def validate(raw: dict) -> Any:
     """Raw JSON object -> validated ``Spec``; raises :class:`SpecError` listing every problem."""
     try:
@@ -297,7 +372,7 @@ def validate(raw: dict) -> Any:
     except pydantic.ValidationError as e:
         raise SpecError(problems_from_validation(e, raw)) from None
     try:
-        spec = resolve_defaults(spec)
+        spec = resolve_defaults(clip_warmup(spec))
     except ValueError as e:  # a resolve hook that cannot derive a value says why, as "json.path: message"
         path, sep, msg = str(e).partition(": ")
         raise SpecError([(path, msg) if sep and " " not in path else ("", str(e))]) from None

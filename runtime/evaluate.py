@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     from registry.errors import SpecError
     from runtime.compiler import graph_from_checkpoint
     from runtime.distributed import pick_device
+    from runtime.tracking import show_zoo_log
     from runtime.train import Evaluator
+
+    show_zoo_log()
 
     def edit(raw: dict) -> None:
         if args.metric:

@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail([f"train.batch_size: the global batch {spec.train.batch_size} / grad_accum "
                      f"{spec.train.grad_accum} = {per_micro} does not split over {info.world_size} processes"])
     if info.is_main:
+        from runtime.tracking import show_zoo_log
+
+        show_zoo_log()  # classifiers trained into / loaded from the cache say so
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.resolved.json").write_text(json.dumps(resolved_dict(spec), indent=2) + "\n")
         where = f"resuming from {resume}" if resume else "starting"

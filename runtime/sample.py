@@ -90,13 +90,44 @@ def save_png(arr: np.ndarray, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def solver_override(saved: dict, solver: str | None, steps: int | None) -> dict:
+    """The spec's solver section with the command line's ``--solver``/``--steps`` on top. Options not given
+    keep the spec's values; another type keeps the fields it shares with the spec's type by inheritance
+    (euler <-> heun: ``steps``, ``shift``) and gets its own defaults for the rest."""
+    from registry.kinds import SOLVERS
+
+    out = dict(saved)
+    if solver and solver != saved.get("type"):
+        out = {"type": solver}
+        if solver in SOLVERS.names() and saved.get("type") in SOLVERS.names():
+            shared = _shared_fields(SOLVERS.get(saved["type"]).Params, SOLVERS.get(solver).Params)
+            out.update({k: v for k, v in saved.items() if k in shared})
+    if steps:
+        out["steps"] = steps
+    return out
+
+
+def _shared_fields(a: type, b: type) -> set[str]:
+    """Fields that ``a`` and ``b`` inherit from one params class of their own kind (not ``ZooParams``'s
+    ``preset``): the same meaning in both."""
+    from registry.params import ZooParams
+
+    def owners(cls: type) -> dict[str, type]:
+        return {f: next((k for k in cls.__mro__ if f in vars(k).get("__annotations__", {})), cls)
+                for f in cls.model_fields}
+
+    oa, ob = owners(a), owners(b)
+    return {f for f in oa if f in ob and oa[f] is ob[f] and oa[f] is not ZooParams}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.sample", description=__doc__)
     ap.add_argument("path", type=Path, help="a checkpoint directory (checkpoints/step_*) or a run directory")
     ap.add_argument("--n", type=int, default=None, help="number of samples (default: the spec's sample.n)")
     ap.add_argument("--steps", type=int, default=None, help="solver steps (default: the spec's)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the spec's)")
-    ap.add_argument("--solver", default=None, help="solver type, e.g. euler, heun, euler_maruyama")
+    ap.add_argument("--solver", default=None, help="solver type, e.g. euler, heun, euler_maruyama (default: the spec's; "
+                                                   "euler <-> heun keep the spec's steps and shift)")
     ap.add_argument("--labels", default=None, help="comma-separated class labels to cycle")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--raw", action="store_true", help="use the trained (non-EMA) weights")
@@ -112,11 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.distributed import pick_device
 
     def edit(raw: dict) -> None:
-        if args.solver or args.steps:
-            sol = {"type": args.solver} if args.solver else dict(raw["solver"])
-            if args.steps:
-                sol["steps"] = args.steps
-            raw["solver"] = sol
+        raw["solver"] = solver_override(raw["solver"], args.solver, args.steps)
 
     try:
         graph, ck = graph_from_checkpoint(args.path, pick_device(args.device), edit)

@@ -20,19 +20,36 @@ TensorBoard events go to ``run_dir/tb/``. Images and text only go to TensorBoard
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Tracker", "read_jsonl", "truncate_jsonl", "METRICS_FILE"]
+__all__ = ["Tracker", "read_jsonl", "truncate_jsonl", "show_zoo_log", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+class _Stderr(logging.Handler):
+    """Writes to the ``sys.stderr`` of the moment (a handler holding the stream would miss redirection)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+def show_zoo_log() -> None:
+    """Let the zoo's INFO lines (e.g. ``digit classifier: loaded PATH``) through to stderr, bare; idempotent."""
+    log = logging.getLogger("zoo")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        log.addHandler(_Stderr())
+    log.setLevel(logging.INFO)
 
 
 def _encode_value(v: Any) -> Any:

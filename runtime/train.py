@@ -169,12 +169,36 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
     bar.close()
     result: dict[str, Any] = {"steps": tr.steps, "skipped_steps": skipped}
     if evaluator is not None:
+        print(preview_note(graph), flush=True)
         result["samples"] = evaluator.preview(tr.steps)
         if spec.eval.at_end and spec.eval.metrics:
+            print(eval_note(evaluator), flush=True)
             result["metrics"] = evaluator.evaluate(tr.steps, with_real=True)
     barrier(info)
     tracker.close()
     return result
+
+
+def _kind(spec: Any) -> str:
+    """What one sample is, for messages: images, or clips (video, audio, both)."""
+    shape = data_space(spec.data).sample_shape()
+    return "images" if isinstance(shape, tuple) and len(shape) == 3 else "clips"
+
+
+def preview_note(graph: Graph) -> str:
+    """``sampling 10 preview clips (euler, 25 NFE)...``: said before the end-of-run samples."""
+    spec = graph.spec
+    if getattr(graph.train_module.objective, "generate", None) is not None:  # reconstructions, not a flow
+        return f"writing {spec.sample.n} preview {_kind(spec)}..."
+    return f"sampling {spec.sample.n} preview {_kind(spec)} ({spec.solver.type}, {graph.solver.nfe} NFE)..."
+
+
+def eval_note(evaluator: "Evaluator") -> str:
+    """``evaluating av_agreement, ... on 100 generated clips, then on up to 100 real ones (the ceiling)...``"""
+    spec = evaluator.graph.spec
+    n, kind = spec.eval.num_samples, _kind(spec)
+    on = f" on {n} generated {kind}, then on up to {n} real ones (the ceiling)" if evaluator.on_samples else ""
+    return f"evaluating {', '.join(m.type for m in spec.eval.metrics)}{on}..."
 
 
 class Evaluator:

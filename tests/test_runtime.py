@@ -74,6 +74,44 @@ def test_sampling_needs_nothing_but_the_checkpoint(finished_run, tmp_path):
     assert sample_cli.main([str(tmp_path / "nothing")]) == 2
 
 
+def test_sample_options_not_given_keep_the_specs_solver(finished_run, tmp_path, capsys):
+    """The spec samples with 4 euler steps: ``--solver euler`` alone must not reset them to euler's default 50."""
+    assert sample_cli.main([str(finished_run), "--n", "2", "--solver", "euler", "--out", str(tmp_path / "e.png")]) == 0
+    assert "euler, 4 NFE" in capsys.readouterr().out
+    saved = {"type": "euler", "steps": 25, "shift": 3.0, "preset": None}
+    assert sample_cli.solver_override(saved, "euler", None) == saved
+    assert sample_cli.solver_override(saved, None, 10) == {**saved, "steps": 10}
+    assert sample_cli.solver_override(saved, "heun", None) == {"type": "heun", "steps": 25, "shift": 3.0}
+    assert sample_cli.solver_override(saved, "heun", 7) == {"type": "heun", "steps": 7, "shift": 3.0}
+    assert sample_cli.solver_override(saved, "euler_maruyama", None) == {"type": "euler_maruyama"}  # own defaults
+
+
+def test_end_of_run_says_what_it_does_and_where_the_classifier_is(tmp_path, monkeypatch, capsys):
+    """Sampling, evaluation and the digit classifier's cache are announced (the classifier is faked: no training)."""
+    from zoo.metrics import classifier as clf
+
+    def fake_train(size, channels, device):
+        r = clf.RECIPE
+        model = clf.DigitClassifier(size, channels, r["width"], r["feature_dim"], r["max_work_size"])
+        model.eval_accuracy, model.train_seconds = 1.0, 0.5
+        return model
+
+    monkeypatch.setenv("FMZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(clf, "train_digit_classifier", fake_train)
+    monkeypatch.setattr(clf, "_LOADED", {})
+    spec = write_spec(tmp_path, train={"steps": 2, "batch_size": 4, "checkpoint_every": 2},
+                      eval={"at_end": True, "num_samples": 8, "metrics": [{"type": "class_accuracy"}]})
+    assert run_cli.main([str(spec), "--out", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert "sampling 10 preview images (euler, 4 NFE)...\n" in out
+    assert "evaluating class_accuracy on 8 generated images, then on up to 8 real ones (the ceiling)...\n" in out
+    path = clf.cache_path(16, 1)
+    assert f"digit classifier: trained in 0.5 s (eval accuracy 1.0000), saved to {path}\n" in err
+    monkeypatch.setattr(clf, "_LOADED", {})
+    clf.get_digit_classifier(16, 1)
+    assert f"digit classifier: loaded {path}\n" in capsys.readouterr().err
+
+
 def test_existing_run_dir_needs_resume(finished_run, tmp_path):
     spec = write_spec(tmp_path)
     assert run_cli.main([str(spec), "--out", str(finished_run)]) == 2

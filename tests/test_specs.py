@@ -208,3 +208,61 @@ def test_repa_without_teachers_says_where():
     with pytest.raises(SpecError) as e:
         validate(raw)
     assert e.value.problems[0][0] == "objective.encoders" and "teachers" in e.value.problems[0][1]
+
+
+def test_short_run_clips_the_warmup_with_one_warning():
+    r = _run_cli("specs/selfflow_av.json", "--set", "train.steps=12", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    warning = "warning: train.warmup_steps 100 > train.steps 12; warm-up clipped to 12 steps"
+    assert r.stderr.count(warning) == 1, r.stderr
+    assert json.loads(r.stdout[: r.stdout.index("\n}\n") + 2])["train"]["warmup_steps"] == 12
+
+
+STREAM_KEYED = [  # --set edits of specs/selfflow_av.json naming the stream 'vidio' in a dict keyed by modality
+    ("objective.mask.ratio.vidio", 0.2),
+    ("objective.modality_weights.vidio", 2.0),
+    ("autoencoder.parts.vidio", {"type": "identity"}),
+]
+
+
+@pytest.mark.parametrize("path,value", STREAM_KEYED, ids=[p for p, _ in STREAM_KEYED])
+def test_dicts_keyed_by_modality_refuse_unknown_streams(path, value):
+    raw = load_raw("selfflow_av.json")
+    set_path(raw, path, value)
+    with pytest.raises(SpecError) as e:
+        validate(raw)
+    assert e.value.problems == [(path, "unknown modality 'vidio' (known: audio, video); did you mean 'video'?")]
+
+
+def test_flow_matching_weights_and_exact_count_ratio_are_keyed_by_modality():
+    raw = load_raw("fm_av.json")
+    raw["objective"]["modality_weights"] = {"audi": 1.0}
+    with pytest.raises(SpecError) as e:
+        validate(raw)
+    assert ("objective.modality_weights.audi", "unknown modality 'audi' (known: audio, video); did you mean 'audio'?") \
+        in e.value.problems
+    raw = load_raw("selfflow_av.json")
+    raw["objective"]["mask"] = {"type": "exact_count", "ratio": {"video": 0.1, "audio": 0.5, "image": 0.25}}
+    with pytest.raises(SpecError, match=r"objective.mask.ratio.image: unknown modality 'image'"):
+        validate(raw)
+    raw["objective"]["mask"]["type"] = "bernoulli"  # the paper's table names every modality: accepted
+    assert validate(raw).objective.mask.ratio["image"] == 0.25
+
+
+def test_cli_unknown_modality_exits_2_with_did_you_mean():
+    r = _run_cli("specs/selfflow_av.json", "--set", "objective.mask.ratio.vidio=0.2", "--dry-run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: objective.mask.ratio.vidio: unknown modality 'vidio' (known: audio, video); did you mean 'video'?" \
+        in r.stderr
+
+
+def test_mmdit_unknown_field_points_at_its_block_counts():
+    raw = load_raw("selfflow_av.json")
+    raw["backbone"]["depht"] = 3
+    with pytest.raises(SpecError) as e:
+        validate(raw)
+    assert e.value.problems == [("backbone.depht", "unknown field; did you mean 'double_blocks' or 'single_blocks'? "
+                                                   "(mmdit has no 'depth')")]
+    raw["backbone"] = {**load_raw("selfflow_av.json")["backbone"], "hiden": 3}
+    with pytest.raises(SpecError, match="backbone.hiden: unknown field; did you mean 'hidden'"):
+        validate(raw)

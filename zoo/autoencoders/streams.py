@@ -6,20 +6,20 @@ Every stream of the data needs a part, and every part a stream.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import AUTOENCODERS
-from zoo.core.params import ZooParams
+from zoo.core.params import StreamKeys, ZooParams
 
 
 class StreamsParams(ZooParams):
     """One autoencoder per stream."""
 
     type: Literal["streams"] = Field(..., description="A separate autoencoder per named stream (audio+video).")
-    parts: dict[str, "AutoencoderSpec"] = Field(  # noqa: F821 (resolved by registry.spec.rebuild)
+    parts: Annotated[dict[str, "AutoencoderSpec"], StreamKeys()] = Field(  # noqa: F821 (resolved by registry.spec.rebuild)
         ..., min_length=1, description="Stream name -> its autoencoder, e.g. {\"video\": {...}, \"audio\": {...}}.")
 
     def _check_streams(self, input_shape: Any) -> dict:
@@ -39,7 +39,12 @@ class StreamsParams(ZooParams):
         return {k: int(getattr(self.parts[k], "time_stride", lambda _s: 1)(v)) for k, v in shapes.items()}
 
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
+        """Parts match the data streams (a part named after no modality is the spec checker's
+        ``unknown modality``); each part fits its stream."""
         shapes = spec.data.sample_shape()
+        modalities = getattr(spec.modality, "segment_names", ())
+        if isinstance(shapes, dict) and any(k not in modalities for k in self.parts):
+            return
         try:
             self._check_streams(shapes)
         except ValueError as e:

@@ -89,6 +89,7 @@ class MmditParams(ZooParams):
         "625M": {"hidden": 1152, "heads": 16, "double_blocks": 7, "single_blocks": 14, "mlp_ratio": 4.0,
                  "modulation": "shared"},
     }
+    field_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"depth": ("double_blocks", "single_blocks")}
 
     @property
     def depth(self) -> int:

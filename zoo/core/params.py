@@ -1,10 +1,10 @@
 """Params base classes for components; they live in :mod:`registry.params` so that the registry can be
 imported without importing the zoo first."""
-from registry.params import Settings, ZooParams
+from registry.params import Settings, StreamKeys, ZooParams
 
 from typing import Any
 
-__all__ = ["Settings", "ZooParams", "data_space"]
+__all__ = ["Settings", "StreamKeys", "ZooParams", "data_space"]
 
 
 def data_space(data: Any) -> Any:

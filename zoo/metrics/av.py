@@ -114,7 +114,6 @@ def train_frame_classifier(dp: BouncingDigitsAVDataParams, device: torch.device 
         x, y = torch.cat(xs).contiguous(memory_format=torch.channels_last), torch.cat(ys)
         fit_classifier(model, x, y, r, device, gen)
     model.train_seconds = time.perf_counter() - t0
-    log.info("%s frame classifier: trained in %.1f s", DATA_TYPE, model.train_seconds)
     return model.eval()
 
 
@@ -172,6 +171,7 @@ def get_frame_classifier(dp: BouncingDigitsAVDataParams, device: torch.device | 
         try:
             model = _new_net(dp)
             model.load_state_dict(load_file(str(path)))
+            log.info("%s frame classifier: loaded %s", DATA_TYPE, path)
         except Exception as e:  # a truncated or foreign file: retrain rather than fail
             warnings.warn(f"ignoring unreadable cached frame classifier {path}: {e}", stacklevel=2)
             model = None
@@ -186,6 +186,7 @@ def get_frame_classifier(dp: BouncingDigitsAVDataParams, device: torch.device | 
                      acc, MIN_CLIP_ACCURACY, DATA_TYPE)
             model = train_frame_classifier(dp, device)
             _save_atomic(model, path, {"generator": GENERATOR_VERSION, "recipe": json.dumps(RECIPE, sort_keys=True)})
+            log.info("%s frame classifier: trained in %.1f s, saved to %s", DATA_TYPE, model.train_seconds, path)
     if source == "bouncing_av":
         model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
         acc = clip_accuracy(model, dp)

@@ -197,8 +197,6 @@ def _train(size: int, channels: int, device: torch.device) -> DigitClassifier:
                              r["eval_samples"])
     model.eval_accuracy = _accuracy(model, xe, ye, device)
     model.train_seconds = train_s
-    log.info("digit classifier %dx%d c%d: trained in %.1f s, eval accuracy %.4f",
-             size, size, channels, train_s, model.eval_accuracy)
     if model.eval_accuracy < MIN_ACCURACY:
         warnings.warn(f"digit classifier {size}x{size} c{channels} reached only {model.eval_accuracy:.3f} eval "
                       f"accuracy (< {MIN_ACCURACY}); class_accuracy / classifier_fd are less reliable", stacklevel=2)
@@ -274,6 +272,10 @@ def get_digit_classifier(size: int, channels: int, device: torch.device | str | 
         if model is None:
             model = train_digit_classifier(size, channels, device)
             _save_atomic(model, path)
+            log.info("digit classifier: trained in %.1f s (eval accuracy %.4f), saved to %s",
+                     model.train_seconds, model.eval_accuracy, path)
+        else:
+            log.info("digit classifier: loaded %s", path)
         _LOADED[key] = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     return _LOADED[key]
 

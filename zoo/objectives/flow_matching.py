@@ -13,7 +13,7 @@ Draw order from ``ctx.rng`` in :class:`FlowMatching` (fixed; changing it changes
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import OBJECTIVES
-from zoo.core.params import ZooParams
+from zoo.core.params import StreamKeys, ZooParams
 from zoo.core.layout import TokenLayout
 from zoo.core.time import interpolate, velocity_target
 from zoo.core.types import LossOut, StepContext, StepRNG, TokenBatch
@@ -74,14 +74,6 @@ def flow_loss(pred: Tensor, target: Tensor, layout: TokenLayout | None = None,
     return loss, ({f"loss_flow_{k}": v.detach() for k, v in parts.items()} if len(parts) > 1 else {})
 
 
-def check_weights(weights: dict[str, float], spec: Any) -> Iterator[tuple[str, str]]:
-    """Spec problems: ``objective.modality_weights`` naming a modality the run does not have."""
-    names = getattr(spec.modality, "segment_names", ())
-    for k in weights:
-        if names and k not in names:
-            yield "objective.modality_weights", f"unknown modality {k!r} (this run has {', '.join(names)})"
-
-
 def null_label_of(student: nn.Module) -> int:
     """The backbone's CFG null label (``num_classes``), looking through a DDP / compile wrapper."""
     for m in (student, getattr(student, "module", None), getattr(student, "_orig_mod", None)):
@@ -100,13 +92,12 @@ class FlowMatchingParams(ZooParams):
     label_dropout: float = Field(0.1, ge=0.0, le=1.0,
                                  description="Probability of replacing a class label by the null label, for CFG "
                                              "(SiT/REPA class_dropout_prob: 0.1).")
-    modality_weights: dict[str, float] = Field(
+    modality_weights: Annotated[dict[str, float], StreamKeys()] = Field(
         default_factory=dict, description="Flow-loss weight per modality, e.g. {\"video\": 1, \"audio\": 0.5}; a "
                                           "modality not named weighs 1 ([SF-paper] §4.2 weighs the loss per modality).")
 
     def problems(self, spec: Any):
-        """A guided sampler needs a trained null label; weights name modalities of the run."""
-        yield from check_weights(self.modality_weights, spec)
+        """A guided sampler needs a trained null label."""
         if getattr(spec.sample, "cfg_scale", 1.0) != 1.0 and self.label_dropout == 0 and spec.data.num_classes > 0:
             yield ("objective.label_dropout",
                    f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")

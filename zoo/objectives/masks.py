@@ -36,14 +36,14 @@ can lay its groups out on the grid; it should subclass :class:`_TokenMaskBase` a
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
 from registry.kinds import MASKS
-from zoo.core.params import ZooParams
+from zoo.core.params import StreamKeys, ZooParams
 from zoo.core.types import StepRNG
 
 PAPER_RATIOS = {"image": 0.25, "video": 0.1, "audio": 0.5}
@@ -102,7 +102,7 @@ class BernoulliMaskParams(ZooParams):
 
     type: Literal["bernoulli"] = Field(..., description="Each token independently with probability `ratio` "
                                                         "([SF-paper] §3.3 step 2).")
-    ratio: float | dict[str, float] = Field(
+    ratio: float | Annotated[dict[str, float], StreamKeys(also=PAPER_RATIOS)] = Field(
         default_factory=lambda: dict(PAPER_RATIOS),
         description="Mask ratio R_M = expected share of tokens with the second timestep, at most 0.5 ([SF-paper] "
                     "§3.3): one number, or one per modality (default [SF-paper] App. A.3: 0.25 image, 0.1 video, "
@@ -138,7 +138,7 @@ class ExactCountMaskParams(ZooParams):
 
     type: Literal["exact_count"] = Field(..., description="Exactly round(ratio * N) tokens per sample at the "
                                                           "positions of a fresh random permutation ([SRA-DTS]).")
-    ratio: float | dict[str, float] = Field(
+    ratio: float | Annotated[dict[str, float], StreamKeys()] = Field(
         0.25, description="Share of tokens with the second timestep, rounded half up to a count, one number or one "
                           "per modality (counted inside each modality) ([SRA-DTS] scripts/train.sh: 0.25).")
 

@@ -42,7 +42,7 @@ The digits specs use 0.99 for that reason.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +50,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import OBJECTIVES
-from zoo.core.params import ZooParams
+from zoo.core.params import StreamKeys, ZooParams
 from zoo.core.types import LossOut, StepContext, TokenBatch
 from zoo.layers.heads import build_projector, projector_flops
 from zoo.core.layout import TokenLayout
-from zoo.objectives.flow_matching import check_weights, draw_noise, drop_labels, flow_loss, noised, null_label_of
+from zoo.objectives.flow_matching import draw_noise, drop_labels, flow_loss, noised, null_label_of
 from zoo.objectives.masks import BernoulliMaskParams, build_mask
 from zoo.objectives.timesteps import UniformTimestepsParams, build_timesteps
 
@@ -137,7 +137,7 @@ class SelfFlowParams(ZooParams):
     timesteps_per_modality: bool = Field(
         False, description="Draw (t, s) separately for each modality of a sample; default false = one (t, s) pair "
                            "shared by all modalities of a sample (method.md §2.3 joint audio+video default).")
-    modality_weights: dict[str, float] = Field(
+    modality_weights: Annotated[dict[str, float], StreamKeys()] = Field(
         default_factory=dict, description="Flow-loss weight per modality; a modality not named weighs 1. L_rep is "
                                           "over all tokens of all modalities.")
 
@@ -164,7 +164,6 @@ class SelfFlowParams(ZooParams):
     def problems(self, spec: Any):
         """Tap blocks inside the backbone and ordered; a guided sampler needs a trained null label."""
         yield from _block_problems(self.student_block, self.teacher_block, getattr(spec.backbone, "depth", None))
-        yield from check_weights(self.modality_weights, spec)
         ratio, names = getattr(self.mask, "ratio", None), getattr(spec.modality, "segment_names", ())
         if isinstance(ratio, dict) and names:
             missing = [n for n in names if n not in ratio]
