@@ -1,57 +1,87 @@
-"""Small line charts drawn with Pillow (no plotting dependency): metric curves for studies and reports."""
+"""Line charts drawn with matplotlib (Agg canvas, no display needed): metric curves for studies and reports.
+
+Figures are built as ``matplotlib.figure.Figure`` objects on their own Agg canvas, never through
+``pyplot``'s global state, so charting works in threads and never opens a window. Ticks come from matplotlib's
+default locator (round values).
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+DPI = 100
+Series = dict[str, list[tuple[float, float]]]
 
 
-def line_chart(series: dict[str, list[tuple[float, float]]], path: Path, *, title: str, xlabel: str, ylabel: str,
-               size: tuple[int, int] = (640, 400)) -> Path:
-    """One line per series (points ``(x, y)``), axes with 5 ticks each, a legend; saved as PNG."""
-    w, h = size
-    left, right, top, bottom = 70, 20, 40, 50
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=13)
-    pts = [p for s in series.values() for p in s]
-    if not pts:
-        raise ValueError(f"{title}: nothing to plot")
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    if y1 - y0 < 1e-12:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    pad = 0.05 * (y1 - y0)
-    y0, y1 = y0 - pad, y1 + pad
-    x1 = x1 if x1 > x0 else x0 + 1
+def _finite(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    return sorted((float(x), float(y)) for x, y in points if math.isfinite(float(x)) and math.isfinite(float(y)))
 
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
 
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for i in range(5):
-        fx, fy = x0 + i / 4 * (x1 - x0), y0 + i / 4 * (y1 - y0)
-        gx, gy = px(fx, fy)
-        d.line([gx, h - bottom, gx, h - bottom + 4], fill="black")
-        d.text((gx, h - bottom + 6), f"{fx:g}", fill="black", font=font, anchor="ma")
-        d.line([left - 4, gy, left, gy], fill="black")
-        d.line([left, gy, w - right, gy], fill=(230, 230, 230))
-        d.text((left - 6, gy), f"{fy:.3g}", fill="black", font=font, anchor="rm")
-    d.text((w / 2, 12), title, fill="black", font=font, anchor="ma")
-    d.text((w / 2, h - 18), xlabel, fill="black", font=font, anchor="ma")
-    d.text((8, top - 18), ylabel, fill="black", font=font)
-    for i, (name, s) in enumerate(series.items()):
-        colour = COLOURS[i % len(COLOURS)]
-        line = [px(x, y) for x, y in sorted(s)]
-        if len(line) > 1:
-            d.line(line, fill=colour, width=2)
-        for cx, cy in line:
-            d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-        ly = top + 8 + 16 * i
-        d.line([w - right - 150, ly, w - right - 130, ly], fill=colour, width=3)
-        d.text((w - right - 125, ly), name, fill="black", font=font, anchor="lm")
+def _draw(ax, series: Series, xlabel: str, ylabel: str) -> int:
+    """Plot every series on ``ax`` (markers when a series has few points); returns the number of points drawn."""
+    drawn = 0
+    for name, pts in series.items():
+        pts = _finite(pts)
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, label=name, linewidth=1.6, marker="o" if len(pts) <= 30 else None, markersize=3.5)
+        drawn += len(pts)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, color="#e4e4e4", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return drawn
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    FigureCanvasAgg(fig).print_png(str(tmp))
+    tmp.replace(path)
     return path
+
+
+def line_chart(series: Series, path: Path, *, title: str, xlabel: str, ylabel: str,
+               size: tuple[int, int] = (640, 400)) -> Path:
+    """One line per series (points ``(x, y)``; non-finite points dropped) on one axis, with a legend; saved as a
+    ``size`` (pixels) PNG. Raises ValueError when no series has a finite point."""
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    if not _draw(ax, series, xlabel, ylabel):
+        raise ValueError(f"{title}: nothing to plot")
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(frameon=False, fontsize=9)
+    return _save(fig, path)
+
+
+def panel_chart(panels: dict[str, Series], path: Path, *, title: str, xlabel: str,
+                ceilings: dict[str, float] | None = None, cols: int = 3, panel_size: tuple[int, int] = (340, 240)) -> Path:
+    """Small multiples: one axis per panel (its own y scale), each with its series and, when ``ceilings`` names the
+    panel, a dashed horizontal line labelled "real data". Saved as a PNG of ``panel_size`` pixels per panel."""
+    names = [n for n, s in panels.items() if any(_finite(p) for p in s.values())]
+    if not names:
+        raise ValueError(f"{title}: nothing to plot")
+    cols = max(1, min(cols, len(names)))
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(cols * panel_size[0] / DPI, rows * panel_size[1] / DPI + 0.3), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        _draw(ax, panels[name], xlabel, "")
+        ceiling = (ceilings or {}).get(name)
+        if ceiling is not None and math.isfinite(ceiling):
+            ax.axhline(ceiling, color="#555555", linestyle="--", linewidth=1.2, label="real data")
+        ax.set_title(name, fontsize=10)
+        if len(panels[name]) > 1 or ceiling is not None:
+            ax.legend(frameon=False, fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 EXIT_SPEC = 2
@@ -67,6 +69,41 @@ def dry_run(spec) -> int:
     return 0
 
 
+def write_run_facts(run_dir: Path, graph, info, started: float, finished: float, result: dict,
+                    resumed_from: int | None) -> Path:
+    """``run_dir/run_facts.json``: start/end (ISO, local time with offset), wall seconds of this invocation and
+    of all invocations together (``wall_s_total`` adds a resumed run's earlier ones), device, parameter counts,
+    steps. Read by the report."""
+    from datetime import datetime
+
+    import torch
+
+    from runtime.compiler import count_params
+
+    path = run_dir / "run_facts.json"
+    earlier = 0.0
+    if resumed_from is not None and path.is_file():
+        try:
+            earlier = float(json.loads(path.read_text()).get("wall_s_total", 0.0))
+        except (ValueError, AttributeError):
+            earlier = 0.0
+    dev = info.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    facts = {
+        "started": datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
+        "finished": datetime.fromtimestamp(finished).astimezone().isoformat(timespec="seconds"),
+        "wall_s": round(finished - started, 1), "wall_s_total": round(earlier + finished - started, 1),
+        "device": str(dev), "device_name": name, "world_size": info.world_size,
+        "parameters": count_params(graph.backbone),
+        "trainable_parameters": count_params(graph.train_module, trainable_only=True),
+        "steps": result["steps"], "skipped_steps": result["skipped_steps"], "resumed_from": resumed_from,
+    }
+    tmp = path.with_name(".run_facts.json.tmp")
+    tmp.write_text(json.dumps(facts, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import zoo  # noqa: F401  (registers the built-ins)
@@ -105,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     elif ckpt_root.is_dir() and any(ckpt_root.glob("step_*")):
         return fail([f"{run_dir} already holds checkpoints; pass --resume auto to continue it or --out for a new run"])
 
+    done = None
     if resume is not None:
         from runtime.checkpoint import load_checkpoint
 
@@ -127,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / "spec.resolved.json").write_text(json.dumps(resolved_dict(spec), indent=2) + "\n")
         where = f"resuming from {resume}" if resume else "starting"
         print(f"{spec.name}: {where} on {info.device} x{info.world_size}; run directory {run_dir}", flush=True)
+    started = time.time()
     try:
         graph = compile_spec(spec, info.device)
         result = train(graph, run_dir, info, resume=resume)
@@ -146,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in sorted(result.get("metrics", {}).items()):
             print(f"  {k:<28} {v:.4f}")
         written = result["samples"]
+        write_run_facts(run_dir, graph, info, started, time.time(), result, done)
         from runtime.report import write_report
 
         report = write_report(run_dir)

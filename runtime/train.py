@@ -26,7 +26,7 @@ from registry.spec import resolved_dict
 from runtime.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from runtime.compiler import Graph
 from runtime.data import build_loader, collate_pairs
-from runtime.media_out import Written, write_samples
+from runtime.media_out import Written, real_indices, write_clip_readings, write_samples
 from runtime.distributed import DistInfo, all_reduce_mean, all_true, barrier
 from runtime.latents import latent_health
 from runtime.optim import LearningRate, build_optimizer
@@ -170,7 +170,7 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
     result: dict[str, Any] = {"steps": tr.steps, "skipped_steps": skipped}
     if evaluator is not None:
         print(preview_note(graph), flush=True)
-        result["samples"] = evaluator.preview(tr.steps)
+        result["samples"] = evaluator.preview(tr.steps, final=True)
         if spec.eval.at_end and spec.eval.metrics:
             print(eval_note(evaluator), flush=True)
             result["metrics"] = evaluator.evaluate(tr.steps, with_real=True)
@@ -219,14 +219,38 @@ class Evaluator:
                           guidance_high=s.guidance_high, seed=seed, use_ema=s.use_ema)
         return images, labels
 
-    def preview(self, step: int) -> Written:
-        """Samples of ``sample.n`` under ``samples/step_<step>``: a PNG sheet for images; MP4 (with audio), WAV,
-        GIF and a contact sheet for clips (:mod:`runtime.media_out`)."""
+    def preview(self, step: int, final: bool = False) -> Written:
+        """Samples of ``sample.n`` under ``samples/step_<step>``: a PNG sheet for images; MP4 (with audio and a
+        poster), WAV, GIF and a contact sheet for clips (:mod:`runtime.media_out`). ``final`` (the end of the
+        run) adds, for clips, real held-out clips of the same labels under ``samples/real/`` and, for
+        ``bouncing_digits_av`` data, what the metrics read in each clip (``clips.json`` in both folders)."""
         s = self.graph.spec.sample
         samples, labels = self._generate(s.n, s.seed)
         rates = getattr(self.graph.spec.data, "stream_rates", lambda: None)()
-        return write_samples(samples, labels, rates, self.run_dir / "samples", f"step_{step:08d}",
-                             nrow=min(self.graph.num_classes, s.n) or None, tracker=self.tracker, step=step)
+        nrow = min(self.graph.num_classes, s.n) or None
+        written = write_samples(samples, labels, rates, self.run_dir / "samples", f"step_{step:08d}",
+                                nrow=nrow, tracker=self.tracker, step=step)
+        if final and (written.mp4 or written.wav):
+            self._real_clips(samples, written, nrow)
+        return written
+
+    def _real_clips(self, samples: Any, written: Written, nrow: int | None) -> None:
+        """Real eval clips of ``written``'s labels to ``samples/real/``; per-clip readings beside both sets."""
+        data = data_space(self.graph.spec.data)
+        real = DATASETS.build(data, split="eval")
+        idx = real_indices(real, written.labels)
+        got = None
+        if idx:
+            x, y = collate_pairs([real[i] for i in idx])
+            rates = getattr(data, "stream_rates", lambda: None)()
+            got = write_samples(x, y if written.labels[0] is not None else None, rates, self.run_dir / "samples",
+                                "real", nrow=nrow)
+        if data.type == "bouncing_digits_av":
+            from zoo.metrics.av import read_clips
+
+            write_clip_readings(read_clips(samples, data, self.graph.device), written)
+            if got is not None:
+                write_clip_readings(read_clips(x, data, self.graph.device), got)
 
     def evaluate(self, step: int, with_real: bool = False) -> dict[str, float]:
         """Sample metrics on ``eval.num_samples`` generated samples (and, ``with_real``, on as many real

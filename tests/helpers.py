@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
+AV_RUN_SETS = ["train.steps=3", "train.warmup_steps=1", "train.batch_size=4", "train.checkpoint_every=3",
+               "sample.n=4", "solver.steps=2", "eval.num_samples=6", "log.every=1", "log.progress=false",
+               "data.length=64", "backbone.hidden=32", "backbone.double_blocks=1", "backbone.single_blocks=2"]
+"""``--set`` edits that make ``specs/selfflow_av.json`` a seconds-long run (3 steps, a tiny backbone)."""
 
 
 def tiny_spec_dict(**overrides) -> dict:

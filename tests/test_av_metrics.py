@@ -1,7 +1,9 @@
 """DTMF / onset / bounce signal tools and the four audio-video metrics of ``bouncing_digits_av``."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +17,7 @@ from zoo.data.bouncing_av import BouncingDigitsAVDataParams, clip_events, dtmf_f
 from zoo.metrics.dtmf import burst_onsets, decode_digit, goertzel_power, video_bounces, video_track
 
 SR = 4000
+ROOT = Path(__file__).resolve().parent.parent
 TAGS = ("av_agreement", "av_sync_ms", "video_class_accuracy", "audio_class_accuracy")
 
 
@@ -32,6 +35,16 @@ def real():
     ds = DATASETS.build(data(), split="eval")
     xs, ys = zip(*(ds[i] for i in range(100)))
     return {k: torch.stack([x[k] for x in xs]) for k in xs[0]}, torch.tensor(ys)
+
+
+@pytest.fixture(scope="module")
+def real_spec():
+    """60 real eval clips of ``specs/selfflow_av.json``'s data (8 frames of 16x16 at 8 fps, 4 kHz audio)."""
+    raw = json.loads((ROOT / "specs" / "selfflow_av.json").read_text())["data"]
+    dp = data(**{k: v for k, v in raw.items() if k != "type"})
+    ds = DATASETS.build(dp, split="eval")
+    xs, ys = zip(*(ds[i] for i in range(60)))
+    return dp, {k: torch.stack([x[k] for x in xs]) for k in xs[0]}, torch.tensor(ys)
 
 
 def tones(digit: int, rng: np.random.Generator, seconds: float = 0.3, noise: float = 0.05) -> np.ndarray:
@@ -186,3 +199,58 @@ def test_fallback_frame_classifier_is_trained_cached_and_reloaded(monkeypatch):
         again = av.get_frame_classifier(dp)
     assert again.source == "bouncing_av" and again.model is not fc.model
     assert all(torch.equal(a, b) for a, b in zip(fc.model.state_dict().values(), again.model.state_dict().values()))
+
+
+# ------------------------------------------------------------------------ consistency and per-clip readings
+def test_video_consistency_high_on_real_clips_low_on_shuffled_frames(real_spec):
+    dp, x, y = real_spec
+    m = metric("video_consistency", dp)
+    assert m(x, y)["video_consistency"] >= 0.9  # 0.965 on 200 clips
+    v = x["video"]
+    order = torch.argsort(y)  # frame t of clip i comes from clip (i + t) % B of the label-sorted clips
+    by_label = v[order]
+    shuffled = torch.stack([by_label[(torch.arange(len(v)) + 7 * t) % len(v), :, t] for t in range(v.shape[2])], 2)
+    assert m({"video": shuffled}, None)["video_consistency"] <= 0.2
+    bad = {"video": v[:2].clone()}
+    bad["video"][0, 0, 0, 0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="NaN"):
+        assert math.isnan(m(bad)["video_consistency"])
+
+
+def test_read_clips_per_clip_readings_match_the_metrics(real_spec):
+    dp, x, y = real_spec
+    x = {k: v[:20] for k, v in x.items()}
+    y = y[:20]
+    rows = av.read_clips(x, dp)
+    assert len(rows) == 20 and set(rows[0]) == {"video_digit", "frame_digits", "consistent", "audio_digit",
+                                                 "sync_ms", "finite"}
+    json.dumps(rows)  # JSON-ready
+    video = torch.tensor([r["video_digit"] for r in rows])
+    audio = torch.tensor([-1 if r["audio_digit"] is None else r["audio_digit"] for r in rows])
+    assert (video == y).float().mean().item() == metric("video_class_accuracy", dp)(x, y)["video_class_accuracy"]
+    assert (audio == y).float().mean().item() == metric("audio_class_accuracy", dp)(x, y)["audio_class_accuracy"]
+    assert all(len(r["frame_digits"]) == 8 and r["consistent"] == (len(set(r["frame_digits"])) == 1) for r in rows)
+    sync = metric("av_sync_ms", dp)(x, y)
+    found = [r["sync_ms"] for r in rows if r["sync_ms"] is not None]
+    assert len(found) / 20 == sync["av_sync_detected"] and float(np.median(found)) < 5.0  # a real clip may be off
+    # delayed audio shows in every clip that has a bounce; silence gives no audio digit and no sync
+    shift = round(0.25 * SR)
+    late = torch.cat([torch.zeros_like(x["audio"][..., :shift]), x["audio"][..., :-shift]], -1)
+    off = [r["sync_ms"] for r in av.read_clips({"video": x["video"], "audio": late}, dp) if r["sync_ms"] is not None]
+    assert len(off) >= 15 and 200 <= float(np.median(off)) <= 260
+    quiet = av.read_clips({"video": x["video"][:2], "audio": torch.zeros_like(x["audio"][:2])}, dp)
+    assert [r["audio_digit"] for r in quiet] == [None, None] and [r["sync_ms"] for r in quiet] == [None, None]
+
+
+def test_read_clips_one_stream_non_finite_and_wrong_data(real_spec):
+    dp, x, y = real_spec
+    vid = x["video"][:3].clone()
+    vid[1, 0, 2, 3, 3] = float("inf")
+    rows = av.read_clips(vid, dp.model_copy(update={"streams": ("video",)}))
+    assert [r["finite"] for r in rows] == [True, False, True]
+    assert rows[1]["video_digit"] is None and rows[0]["video_digit"] == int(y[0])
+    assert all(r["audio_digit"] is None and r["sync_ms"] is None for r in rows)
+    only_audio = av.read_clips({"audio": x["audio"][:2]}, dp)
+    assert [r["audio_digit"] for r in only_audio] == y[:2].tolist() and only_audio[0]["video_digit"] is None
+    with pytest.raises(ValueError, match="bouncing_digits_av"):
+        av.read_clips(vid, DATASETS.get("digits").Params(type="digits", preset="tiny"))

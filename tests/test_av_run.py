@@ -1,6 +1,7 @@
 """The main job ``specs/selfflow_av.json`` end to end for a few steps (``--set``): the run directory holds MP4
-files with one video and one audio stream, WAV files, a GIF preview, a contact sheet, tensorboard audio/GIF
-summaries, metrics beside their real-data ceiling, and a report.html that plays the clips."""
+files with one video and one audio stream and a poster each, WAV files, a GIF preview, a contact sheet, real
+clips of the same labels, per-clip readings, run facts, tensorboard audio/GIF summaries, metrics beside their
+real-data ceiling, and a report.html that plays the clips."""
 from __future__ import annotations
 
 import json
@@ -12,21 +13,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from runtime import run as run_cli
 from runtime.tracking import read_jsonl
+from tests.helpers import AV_RUN_SETS
 
 ROOT = Path(__file__).resolve().parent.parent
-SETS = ["train.steps=3", "train.warmup_steps=1", "train.batch_size=4", "train.checkpoint_every=3",
-        "sample.n=4", "solver.steps=2", "eval.num_samples=6", "log.every=1", "log.progress=false",
-        "data.length=64", "backbone.hidden=32", "backbone.double_blocks=1", "backbone.single_blocks=2"]
-
-
-@pytest.fixture(scope="module")
-def av_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("av") / "run"
-    argv = [str(ROOT / "specs" / "selfflow_av.json"), "--out", str(out)]
-    for s in SETS:
-        argv += ["--set", s]
-    assert run_cli.main(argv) == 0
-    return out
+SETS = AV_RUN_SETS  # the av_run fixture (tests/conftest.py) runs specs/selfflow_av.json with these
 
 
 def test_av_run_writes_playable_clips(av_run):
@@ -43,10 +33,26 @@ def test_av_run_writes_playable_clips(av_run):
     assert (av_run / "samples" / "step_00000003.gif").is_file() and (av_run / "samples" / "step_00000003.png").is_file()
 
 
+def test_av_run_writes_posters_real_clips_readings_and_facts(av_run):
+    gen, real = av_run / "samples" / "step_00000003", av_run / "samples" / "real"
+    assert sorted(p.stem for p in gen.glob("*.png")) == sorted(p.stem for p in gen.glob("*.mp4"))
+    assert sorted(p.name for p in real.glob("*.mp4")) == sorted(p.name for p in gen.glob("*.mp4"))  # same labels
+    assert len(list(real.glob("*.png"))) == len(list(real.glob("*.wav"))) == 4
+    for folder in (gen, real):
+        clips = json.loads((folder / "clips.json").read_text())["clips"]
+        assert [c["file"] for c in clips] == sorted(p.stem for p in folder.glob("*.mp4"))
+        assert all({"video_digit", "audio_digit", "sync_ms", "consistent", "frame_digits"} <= set(c) for c in clips)
+    real_clips = json.loads((real / "clips.json").read_text())["clips"]
+    assert all(c["video_digit"] == c["label"] == c["audio_digit"] for c in real_clips)
+    facts = json.loads((av_run / "run_facts.json").read_text())
+    assert facts["steps"] == 3 and facts["device"] == "cpu" and facts["parameters"] > 0 and facts["wall_s"] > 0
+    assert facts["started"] <= facts["finished"]
+
+
 def test_av_run_metrics_and_ceiling(av_run):
     rows = [r for r in read_jsonl(av_run / "metrics.jsonl") if any(k.startswith("real/") for k in r)]
     assert rows, "no evaluation row"
-    for m in ("av_agreement", "av_sync_ms", "video_class_accuracy", "audio_class_accuracy"):
+    for m in ("av_agreement", "av_sync_ms", "video_class_accuracy", "audio_class_accuracy", "video_consistency"):
         assert f"eval/{m}" in rows[-1] and f"real/{m}" in rows[-1]
     assert rows[-1]["real/av_agreement"] >= 0.8 and rows[-1]["real/audio_class_accuracy"] >= 0.8
     losses = [r for r in read_jsonl(av_run / "metrics.jsonl") if "loss" in r]
@@ -55,7 +61,8 @@ def test_av_run_metrics_and_ceiling(av_run):
 
 def test_av_run_report_and_tensorboard(av_run):
     page = (av_run / "report.html").read_text()
-    assert page.count("<video") == 4 and "samples/step_00000003/000_label0.mp4" in page
+    assert page.count("<video") == 8 and "samples/step_00000003/000_label0.mp4" in page  # generated + real
+    assert 'poster="samples/step_00000003/000_label0.png"' in page and "samples/real/000_label0.mp4" in page
     assert "real data (ceiling)" in page and "av_agreement" in page and "step_00000003.gif" in page
     assert (av_run / "report" / "losses.png").is_file()
     acc = EventAccumulator(str(av_run / "tb"), size_guidance={"audio": 0, "images": 0})

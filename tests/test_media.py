@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from zoo.data.errors import DataError
-from zoo.media import (contact_sheet, gif_bytes, probe_media, read_audio, read_frames_at, read_media,
-                       to_uint8_video, write_gif, write_mp4, write_wav)
+from zoo.media import (MIN_SHOWN_PX, contact_sheet, gif_bytes, probe_media, read_audio, read_frames_at, read_media,
+                       shown_scale, to_uint8_video, write_gif, write_mp4, write_png, write_wav)
 
 FPS, SR = 8, 16000
 
@@ -142,3 +142,24 @@ def test_contact_sheet_and_uint8_video():
     assert low[-4:].mean() > low[:4].mean() and high[:8].mean() > low[:8].mean()  # 300 Hz low, 3 kHz higher
     with pytest.raises(ValueError, match="audios"):
         contact_sheet(v, audio[:1])
+
+
+def test_poster_png_and_shown_scale(tmp_path):
+    frame = np.random.default_rng(0).integers(0, 256, (16, 12, 1), dtype=np.uint8)
+    path = write_png(tmp_path / "p.png", frame, scale=8)
+    with Image.open(path) as im:
+        assert im.size == (96, 128) and im.mode == "L"
+        assert np.array_equal(np.asarray(im), frame[..., 0].repeat(8, 0).repeat(8, 1))  # nearest neighbour
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(tmp_path / "q.png", frame.astype(np.float32))
+    assert [shown_scale(16, 16), shown_scale(16, 24), shown_scale(100, 120), shown_scale(256, 256)] == [8, 8, 2, 1]
+    assert MIN_SHOWN_PX == 128
+
+
+def test_contact_sheet_default_shows_a_16px_clip_at_128px():
+    v = to_uint8_video(torch.rand(3, 1, 8, 16, 16) * 2 - 1)
+    sheet = contact_sheet(v, frames=8, labels=[0, 1, 2])
+    assert sheet.shape == (3 * 128 + 2 * 2, 8 * 128 + 7 * 2, 3)
+    assert np.array_equal(sheet[40:128, :128, 0], v[0, 0, ..., 0].repeat(8, 0).repeat(8, 1)[40:])  # below the label
+    strips = contact_sheet(None, np.stack([tone(0.5, 8000), tone(0.5, 8000)]), sample_rate=8000)
+    assert strips.shape == (2 * 64 + 2, 512, 3)  # audio alone keeps its scale 2

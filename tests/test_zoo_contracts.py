@@ -107,7 +107,7 @@ MODALITY_EXAMPLE: dict[str, Callable[[], dict]] = {  # tag -> build deps (defaul
 }
 METRIC_DATA: dict[str, Callable[[], Any]] = {        # tag -> data params to evaluate on (default digits tiny)
     **{tag: (lambda: DATASETS.get("bouncing_digits_av").Params(type="bouncing_digits_av", preset="tiny"))
-       for tag in ("av_agreement", "av_sync_ms", "video_class_accuracy", "audio_class_accuracy")},
+       for tag in ("av_agreement", "av_sync_ms", "video_class_accuracy", "audio_class_accuracy", "video_consistency")},
 }
 
 

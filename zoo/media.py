@@ -30,10 +30,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from zoo.data.errors import DataError
 
-__all__ = ["MediaClip", "MediaInfo", "contact_sheet", "gif_bytes", "probe_media", "read_audio", "read_frames_at",
-           "read_media", "to_uint8_video", "write_gif", "write_mp4", "write_wav"]
+__all__ = ["MediaClip", "MediaInfo", "MIN_SHOWN_PX", "contact_sheet", "gif_bytes", "probe_media", "read_audio",
+           "read_frames_at", "read_media", "shown_scale", "to_uint8_video", "write_gif", "write_mp4", "write_png",
+           "write_wav"]
 
 _AV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+MIN_SHOWN_PX = 128
+"""Previews (GIF, contact sheet, poster) show a clip at least this many pixels on its shorter side."""
 _AAC_FRAME = 1024
 _AUDIO_PREROLL_S = 0.25  # audio seeks land this much early: MP3/AAC frames after a seek decode wrong
 
@@ -109,6 +112,12 @@ def _upscale(v: np.ndarray, scale: int, what: str) -> np.ndarray:
     if int(scale) != scale or scale < 1:
         raise ValueError(f"{what}: scale must be an integer >= 1, got {scale!r}")
     return v if scale == 1 else v.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def shown_scale(height: int, width: int, target: int = MIN_SHOWN_PX) -> int:
+    """The smallest integer upscale that shows a ``height x width`` frame at >= ``target`` px on its shorter
+    side (16 px -> 8; 1 for frames already that large)."""
+    return max(1, math.ceil(target / max(1, min(height, width))))
 
 
 _AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
@@ -191,6 +200,15 @@ def write_wav(path: str | os.PathLike, audio, sample_rate: int) -> Path:
             w.writeframes(pcm)
 
     return _atomic(path, write, ".wav")
+
+
+def write_png(path: str | os.PathLike, image, scale: int = 1) -> Path:
+    """Write uint8 ``image`` ``(H, W, C)`` (C in {1, 3}) upscaled by the integer ``scale`` (nearest neighbour) as a
+    PNG (atomic), e.g. a video's poster frame. Returns ``path``."""
+    what = f"write_png({str(path)!r})"
+    v = _upscale(_check_frames(np.asarray(image)[None], what), scale, what)[0]
+    img = Image.fromarray(v[..., 0] if v.shape[-1] == 1 else v)
+    return _atomic(path, lambda tmp: img.save(tmp, format="PNG"), ".png")
 
 
 def _gif_frames(frames, fps: float, scale: int, what: str) -> tuple[list[Image.Image], int]:
@@ -439,11 +457,12 @@ def _spectrogram(audio: np.ndarray, sample_rate: int | None, height: int, width:
     return rgb.round().clip(0, 255).astype(np.uint8)
 
 
-def contact_sheet(videos, audios=None, sample_rate: int | None = None, frames: int = 8, scale: int = 2,
+def contact_sheet(videos, audios=None, sample_rate: int | None = None, frames: int = 8, scale: int | None = None,
                   labels: Sequence[str] | None = None) -> np.ndarray:
     """One row per clip of uint8 ``videos`` ``(B, T, H, W, C)``: ``frames`` frames evenly spaced over the clip,
-    upscaled by ``scale``, with the spectrogram of ``audios`` float32 ``(B, L)`` (when given) under the row;
-    ``videos=None`` gives the spectrogram strips alone.
+    upscaled by ``scale`` (default :func:`shown_scale`: >= 128 px a frame; 2 for the strips of audio alone), with
+    the spectrogram of ``audios`` float32 ``(B, L)`` (when given) under the row; ``videos=None`` gives the
+    spectrogram strips alone.
 
     Rows and frames are separated by 2-pixel gaps; ``labels`` (B strings) are drawn on each row's first frame.
     Returns uint8 ``(H', W', 3)``.
@@ -454,6 +473,7 @@ def contact_sheet(videos, audios=None, sample_rate: int | None = None, frames: i
         a = np.asarray(audios, dtype=np.float32)
         if a.ndim != 2 or 0 in a.shape:
             raise ValueError(f"contact_sheet: expected audios (B, L), got {tuple(a.shape)}")
+        scale = 2 if scale is None else scale
         b, fh, row_w, gap = a.shape[0], 0, 256 * scale, 2
     else:
         v = np.asarray(videos)
@@ -461,6 +481,7 @@ def contact_sheet(videos, audios=None, sample_rate: int | None = None, frames: i
             raise ValueError(f"contact_sheet: expected uint8 videos (B, T, H, W, C) with C in {{1, 3}}, "
                              f"got {v.dtype} {tuple(v.shape)}")
         b, t, h, w, _ = v.shape
+        scale = shown_scale(h, w) if scale is None else scale
         a = None if audios is None else np.asarray(audios, dtype=np.float32)
         if a is not None and (a.ndim != 2 or a.shape[0] != b or a.shape[1] == 0):
             raise ValueError(f"contact_sheet: expected audios (B={b}, L), got {tuple(a.shape)}")
@@ -485,7 +506,7 @@ def contact_sheet(videos, audios=None, sample_rate: int | None = None, frames: i
             sheet[y + top:y + row_h] = _spectrogram(a[i], sample_rate, spec_h, row_w)
     if labels is not None:
         img = Image.fromarray(sheet)
-        draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+        draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=max(11, fh // 8))
         for i, text in enumerate(labels):
             y = i * (row_h + gap)
             box = draw.textbbox((2, y + 1), str(text), font=font)
