@@ -82,6 +82,10 @@ class MmditParams(ZooParams):
         description="Position encoding applied to q and k (default 3-D RoPE over (time, row, column)).")
     attention: "AttentionSpec | None" = Field(  # noqa: F821
         None, description="Attention backend; null = xformers on CUDA when it works, else sdpa (chosen at build).")
+    abs_pos: bool = Field(
+        False, description="Also add a learned absolute position embedding per token (N, D) to the input (FLUX has "
+                           "none). RoPE alone is relative: full attention cannot tell where the frame edges or the "
+                           "clip start are, which bouncing-digit clips need (walls, the burst at t = 0).")
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"hidden": 64, "heads": 4, "double_blocks": 2, "single_blocks": 2},
@@ -287,6 +291,7 @@ class Mmdit(nn.Module):
 
         self.x_in = nn.ModuleDict({s.name: nn.Linear(s.token_dim, d) for s in layout.segments})
         self.modality_embed = nn.ParameterDict({s: nn.Parameter(torch.zeros(d)) for s in names})
+        self.pos_embed = nn.Parameter(torch.zeros(self.num_tokens, d)) if params.abs_pos else None  # (N, D)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(self.num_classes, d)
         self.shared = params.modulation == "shared"
@@ -314,6 +319,8 @@ class Mmdit(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for p in self.modality_embed.values():
             nn.init.normal_(p, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed, std=0.02)
         zero = [*(m[-1] for md in self.double_mod for m in md.values()), *(m[-1] for m in self.single_mod),
                 *(f.adaLN_modulation[-1] for f in self.final.values()), *(f.linear for f in self.final.values())]
         for layer in zero:
@@ -355,6 +362,8 @@ class Mmdit(nn.Module):
         # modulation alone, tiny CPU runs left the labels unused (the time embedding dominated c)
         y_tok = self.y_embedder(y)[:, None]                                    # (B, 1, D)
         hs = [self.x_in[s.name](x[:, s.tokens, : s.token_dim]) + self.modality_embed[s.name] + y_tok for s in segs]
+        if self.pos_embed is not None:
+            hs = [h + self.pos_embed[s.tokens] for h, s in zip(hs, segs)]
         h: Tensor | None = None                                                # (B, N, D) once single blocks run
         if self.num_double:
             mods: list[Tensor] = []
