@@ -88,6 +88,14 @@ class SpecBase(Settings):
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @pydantic.field_validator("name")
+    @classmethod
+    def _plain_file_name(cls, v: str) -> str:
+        """The pattern keeps out '/', but '.' and '..' would make runs/<name> the runs folder or its parent."""
+        if set(v) <= {"."}:
+            raise ValueError(f"{v!r} is not a plain file name; the run directory is runs/<name>")
+        return v
+
 
 def _no_entries(kind: str) -> type[pydantic.BaseModel]:
     """Placeholder for a kind with no entries: rejects every value, instead of breaking the models naming it."""

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m runtime.cache", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec", help="spec JSON file")
-    ap.add_argument("--out", type=Path, default=None, help="cache directory (default: see above)")
+    ap.add_argument("--out", default=None, help="cache directory (default: see above)")
     ap.add_argument("--split", choices=("train", "eval"), default="train")
     ap.add_argument("--shard-size", type=int, default=1024, help="samples per shard file")
     ap.add_argument("--batch-size", type=int, default=64, help="samples per encoder call")
@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {msg}\n")
         return EXIT_SPEC
 
+    from runtime.rundir import out_problem
+
+    if out_problem(args.out):
+        return fail(out_problem(args.out))
     try:
         if not args.no_plugins:
             load_plugins()

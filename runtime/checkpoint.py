@@ -1,65 +1,73 @@
-"""Atomic, self-describing checkpoints.
+"""Atomic, verified checkpoints in which nothing is unpickled.
 
-Layout of one checkpoint (``root/step_{step:08d}/``)::
+Layout of one checkpoint (``root/step_{step:08d}/``, format 2)::
 
-    model.safetensors     trainable weights (flat ``name -> Tensor``), metadata {"step": "<step>"}
-    ema.safetensors       EMA weights, same format (only if an EMA was given)
-    optimizer.pt          torch.save of the optimizer state dict
-    state.pt              torch.save of the run state: step counters, RNG states (``rng_state()``),
-                          data-loader state, LR-scheduler state, ... (any picklable dict)
-    spec.resolved.json    the resolved spec, so sampling/resuming needs nothing else
-    meta.json             package/plugin versions, git hash, ... (whatever the caller passes)
-    manifest.json         written last by this module: format, step, and every file's byte size
+    model.safetensors      trainable weights (flat ``name -> Tensor``), metadata {"step": "<step>"}
+    ema.safetensors        EMA weights, same format (only if an EMA was given)
+    optimizer.json         the optimizer state dict, each tensor replaced by a reference (:mod:`runtime.safe_state`)
+    optimizer.safetensors  those tensors (AdamW moments, step counts)
+    state.json             the run state: step, skip counter, data-loader position, RNG states (Python's and
+                           numpy's as integer lists), ...
+    state.safetensors      its tensors (the torch / CUDA RNG byte tensors)
+    spec.resolved.json     the resolved spec, so sampling/resuming needs nothing else
+    meta.json              package/plugin versions, device, ... (whatever the caller passes)
+    manifest.json          written last: {"format": 2, "step": s, "files": {name: {"bytes": n, "sha256": hex}}}
 
-A step directory is therefore a complete input for sampling (spec + weights).
+Atomicity: everything is written into ``root/.tmp-step_{step:08d}-{pid}/``, every file is fsync'ed and hashed,
+the directory is verified, fsync'ed and renamed to its final name, and ``root`` is fsync'ed. A crash leaves
+the previous state plus a stale ``.tmp-*`` directory (removed by the next save) or the complete new checkpoint.
 
-Atomicity: everything is written into ``root/.tmp-step_{step:08d}-{pid}/``, every file and the
-directory are fsync'ed, the directory is renamed to its final name, and ``root`` is fsync'ed. A
-crash leaves either the previous state plus a stale ``.tmp-*`` directory (removed by the next
-successful save) or the complete new checkpoint. Readers still verify what they load
-(``latest_checkpoint`` checks the manifest, file sizes and safetensors headers), because files
-can also be damaged after the fact (disk full on a copy, manual edits, partial rsync).
+Verification (:func:`verify_checkpoint`, done before anything is used): the manifest parses and lists every
+required file; each file is a regular file with the recorded size and SHA-256; safetensors headers are
+consistent with their data; JSON files parse; every tensor a JSON file refers to exists. A fault is a
+:class:`CheckpointError` naming the file. Rotation (``keep``) keeps every step directory from the
+``keep``-th newest checkpoint that verifies on and deletes only older ones, so a damaged checkpoint never
+causes a deletion and the newest verified one always stays.
 
-Trust: ``optimizer.pt`` and ``state.pt`` are loaded with ``torch.load(weights_only=False)``,
-because ``state.pt`` holds arbitrary picklable objects (numpy's RNG state tuple with an
-ndarray, scheduler and data-loader states). These files are written by this module for our own
-runs; do not load checkpoints from untrusted sources. Weights (``*.safetensors``) never go
-through pickle, and ``load_weights`` reads only them.
+Format 1 (older runs) held ``optimizer.pt``/``state.pt`` pickles and sizes only in the manifest. Its weights
+and spec are still read (sampling, evaluation); its pickles are only ever read with
+``torch.load(weights_only=True)``, which executes nothing and refuses the numpy RNG arrays in a format-1
+``state.pt``, so such a checkpoint cannot be resumed (the error says so).
 """
-
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
-import struct
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = [
-    "Checkpoint",
-    "save_checkpoint",
-    "load_checkpoint",
-    "load_weights",
-    "list_checkpoints",
-    "latest_checkpoint",
-    "verify_checkpoint",
-    "rng_state",
-    "set_rng_state",
-]
+from runtime import safe_state
+from runtime.safe_state import rng_state, set_rng_state  # noqa: F401  (re-exported)
 
-FORMAT_VERSION = 1
+__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_weights", "list_checkpoints",
+           "latest_checkpoint", "scan_checkpoints", "verify_checkpoint", "find_checkpoint", "rng_state",
+           "set_rng_state"]
+
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+_REQUIRED = {
+    1: ("model.safetensors", "optimizer.pt", "state.pt", "spec.resolved.json", "meta.json"),
+    2: ("model.safetensors", "optimizer.json", "optimizer.safetensors", "state.json", "state.safetensors",
+        "spec.resolved.json", "meta.json"),
+}
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; ``str(e)`` is one line: ``<file>: <fault>``."""
+
+    def __init__(self, path: Path, fault: str):
+        self.path, self.fault = Path(path), fault
+        super().__init__(f"{path}: {fault}")
 
 
 @dataclass
@@ -74,19 +82,12 @@ class Checkpoint:
     spec: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None  # the directory it was loaded from
+    format: int = FORMAT_VERSION
 
 
 # ----------------------------------------------------------------------------------- helpers
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -103,6 +104,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _plain_tensors(sd: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU copies: safetensors refuses shared storage (tied weights) and
     non-contiguous tensors, and a copy cannot change under us while it is written."""
@@ -114,19 +123,23 @@ def _plain_tensors(sd: dict[str, torch.Tensor], what: str) -> dict[str, torch.Te
     return out
 
 
-def _write_json(path: Path, obj: Any, *, strict: bool) -> None:
-    text = json.dumps(obj, indent=2, default=None if strict else str)
+def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def _torch_save(path: Path, obj: Any) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+def _write_json(path: Path, obj: Any, *, strict: bool) -> None:
+    _write_text(path, json.dumps(obj, indent=2, default=None if strict else str))
+
+
+def _write_state(tmp: Path, name: str, obj: Any) -> None:
+    """``name.json`` + ``name.safetensors`` (:func:`runtime.safe_state.split`); TypeError for unstorable values."""
+    doc, tensors = safe_state.split(obj)
+    save_file(tensors, tmp / f"{name}.safetensors")
+    _fsync_file(tmp / f"{name}.safetensors")
+    _write_text(tmp / f"{name}.json", safe_state.dumps(doc))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -151,11 +164,7 @@ def _delete_dir(path: Path) -> None:
 
 
 def _remove_stale_tmp(root: Path) -> None:
-    """Remove ``.tmp-*`` directories whose writer is this process or no longer running.
-
-    Only one process (rank 0) writes checkpoints; the pid check keeps a concurrent writer on the
-    same host safe, but cannot see writers on other hosts sharing the filesystem.
-    """
+    """Remove ``.tmp-*`` directories whose writer is this process or no longer running (same host only)."""
     for p in root.iterdir():
         if not p.name.startswith(_TMP_PREFIX) or not p.is_dir():
             continue
@@ -168,25 +177,15 @@ def _remove_stale_tmp(root: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------- save
-def save_checkpoint(
-    root: Path,
-    step: int,
-    *,
-    model: dict[str, torch.Tensor],
-    ema: dict[str, torch.Tensor] | None,
-    optimizer: dict,
-    state: dict,
-    spec: dict,
-    meta: dict,
-    keep: int,
-) -> Path:
+def save_checkpoint(root: Path, step: int, *, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
+                    optimizer: dict, state: dict, spec: dict, meta: dict, keep: int) -> Path:
     """Write ``root/step_{step:08d}/`` atomically and return its path.
 
-    ``model``/``ema``: flat state dicts of tensors (tied or non-contiguous entries are fine: each
-    is copied). ``optimizer``/``state``: anything ``torch.save`` can pickle. ``spec``: plain JSON
-    (strict: a non-JSON value is an error). ``meta``: JSON, with non-JSON values stringified.
-    Re-saving an existing step replaces it. Afterwards the oldest complete checkpoints beyond
-    ``keep`` are deleted (``keep <= 0`` keeps all; the one just written is never deleted) and
+    ``model``/``ema``: flat state dicts of tensors (tied or non-contiguous entries are fine: each is copied).
+    ``optimizer``/``state``: nested dicts/lists/tuples of numbers, strings and tensors (TypeError otherwise).
+    ``spec``: plain JSON (strict). ``meta``: JSON, non-JSON values stringified. Re-saving a step replaces it.
+    The new directory is verified before it is renamed into place (CheckpointError otherwise). Then
+    rotation runs (``keep <= 0`` keeps all; see the module docstring; the new one is never deleted) and
     stale ``.tmp-*`` directories of crashed writers are removed.
     """
     root = Path(root)
@@ -204,12 +203,14 @@ def save_checkpoint(
         if ema is not None:
             save_file(_plain_tensors(ema, "ema"), tmp / "ema.safetensors", metadata=st_meta)
             _fsync_file(tmp / "ema.safetensors")
-        _torch_save(tmp / "optimizer.pt", optimizer)
-        _torch_save(tmp / "state.pt", state)
+        _write_state(tmp, "optimizer", optimizer)
+        _write_state(tmp, "state", state)
         _write_json(tmp / "spec.resolved.json", spec, strict=True)
         _write_json(tmp / "meta.json", meta, strict=False)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": safe_state.sha256_file(p)}
+                 for p in sorted(tmp.iterdir())}
         _write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "step": step, "files": files}, strict=True)
+        verify_checkpoint(tmp, step=step)
         _fsync_dir(tmp)
 
         old = None
@@ -231,210 +232,236 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
     if keep > 0:
-        complete = list_checkpoints(root)
-        excess = len(complete) - keep
-        for p in [c for c in complete if c != final][: max(0, excess)]:
-            _delete_dir(p)
+        rotate(root, keep, protect=final)
     _remove_stale_tmp(root)
     return final
 
 
-# ---------------------------------------------------------------------------------- discovery
+def rotate(root: Path, keep: int, protect: Path | None = None) -> list[Path]:
+    """Delete the step directories older than the ``keep``-th newest checkpoint that verifies (never
+    ``protect``); with fewer than ``keep`` verified checkpoints nothing is deleted. Returns what was deleted."""
+    found = _step_dirs(root)
+    verified, cutoff = 0, None
+    for step, p in found:
+        if p == protect or _fault(p) is None:
+            verified += 1
+            if verified == keep:
+                cutoff = step
+                break
+    if cutoff is None:
+        return []
+    doomed = [p for step, p in found if step < cutoff and p != protect]
+    for p in doomed:
+        _delete_dir(p)
+    return doomed
+
+
+# ------------------------------------------------------------------------------- verification
 def _step_of(path: Path) -> int | None:
     m = _STEP_RE.match(path.name)
     return int(m.group(1)) if m else None
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        man = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: missing or unreadable {MANIFEST} ({e})") from None
-    if not isinstance(man, dict) or not isinstance(man.get("files"), dict):
-        raise ValueError(f"{path}: malformed {MANIFEST}")
-    return man
-
-
-def _check_files(path: Path) -> dict[str, Any]:
-    """Cheap completeness check: manifest present, every listed file present with its size."""
-    man = _read_manifest(path)
-    for name in ("model.safetensors", "optimizer.pt", "state.pt", "spec.resolved.json", "meta.json"):
-        if name not in man["files"]:
-            raise ValueError(f"{path}: manifest does not list {name}")
-    for name, size in man["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise ValueError(f"{path}: missing {name}")
-        if f.stat().st_size != size:
-            raise ValueError(f"{path}: {name} has {f.stat().st_size} bytes, manifest says {size}")
-    return man
-
-
-def _check_safetensors_header(f: Path) -> None:
-    """Parse the header (u64 little-endian length + JSON) and check that the data section it
-    describes is exactly what follows it in the file."""
-    size = f.stat().st_size
-    with open(f, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{f}: too short for a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise ValueError(f"{f}: header length {n} exceeds the file")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError as e:
-            raise ValueError(f"{f}: header is not JSON ({e})") from None
-    try:
-        end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"] or [0])
-    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
-        raise ValueError(f"{f}: malformed header ({e!r})") from None
-    if 8 + n + end != size:
-        raise ValueError(f"{f}: header describes {8 + n + end} bytes, file has {size}")
-
-
-def verify_checkpoint(path: Path) -> None:
-    """Raise ``ValueError`` unless ``path`` is a complete checkpoint whose safetensors headers
-    parse and match the file sizes (does not unpickle or hash anything)."""
-    path = Path(path)
-    man = _check_files(path)
-    for name in man["files"]:
-        if name.endswith(".safetensors"):
-            _check_safetensors_header(path / name)
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories under ``root`` (manifest and every file present with the
-    recorded size), sorted by step, oldest first. Missing ``root`` gives ``[]``."""
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step_*`` directory under ``root``, newest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        step = _step_of(p)
-        if step is None or not p.is_dir():
-            continue
-        try:
-            _check_files(p)
-        except ValueError:
-            continue
-        found.append((step, p))
-    return [p for _, p in sorted(found)]
+    return sorted(((s, p) for p in root.iterdir() if (s := _step_of(p)) is not None and p.is_dir()), reverse=True)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint under ``root`` that passes ``verify_checkpoint``; broken ones
-    (including step directories that ``list_checkpoints`` already rejects) are skipped with a
-    warning. ``None`` if there is none."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    candidates = sorted(
-        ((s, p) for p in root.iterdir() if (s := _step_of(p)) is not None and p.is_dir()), reverse=True
-    )
-    for _, p in candidates:
-        try:
-            verify_checkpoint(p)
-        except (ValueError, OSError) as e:
-            warnings.warn(f"skipping broken checkpoint {p}: {e}", stacklevel=2)
-            continue
-        return p
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(path, "missing") from None
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(path, f"not readable JSON ({str(e).splitlines()[0][:120]})") from None
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    man = _read_json(path / MANIFEST)
+    if not isinstance(man, dict) or not isinstance(man.get("files"), dict) or man.get("format") not in _REQUIRED:
+        raise CheckpointError(path / MANIFEST, "not a checkpoint manifest (format 1 or 2 with a files table)")
+    step = man.get("step")
+    if type(step) is not int or step < 0:
+        raise CheckpointError(path / MANIFEST, f"step {step!r} is not a step number")
+    return man
+
+
+def _check_safetensors_header(f: Path) -> dict[str, Any]:
+    try:
+        return safe_state.safetensors_header(f)
+    except ValueError as e:
+        raise CheckpointError(f, str(e)) from None
+
+
+def verify_checkpoint(path: Path, *, step: int | None = None) -> dict[str, Any]:
+    """Return the manifest of ``path`` after checking everything listed in the module docstring (format 1:
+    sizes instead of hashes); raise :class:`CheckpointError` naming the first faulty file. ``step``: the step
+    the manifest must record (default: the one in the directory name, if it has one)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(path, "not a directory")
+    man = _read_manifest(path)
+    fmt, files = man["format"], man["files"]
+    want = step if step is not None else _step_of(path)
+    if want is not None and man["step"] != want:
+        raise CheckpointError(path / MANIFEST, f"records step {man['step']}, the directory is step {want}")
+    for name in _REQUIRED[fmt]:
+        if name not in files:
+            raise CheckpointError(path / MANIFEST, f"does not list {name}")
+    for name, rec in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..", MANIFEST) or "/" in name or "\\" in name:
+            raise CheckpointError(path / MANIFEST, f"lists {name!r}, which is not a file of the checkpoint")
+        f = path / name
+        if f.is_symlink() or not f.is_file():
+            raise CheckpointError(f, "missing" if not f.exists() else "not a regular file")
+        if fmt == 1:
+            size, digest = rec, None
+        else:
+            size, digest = (rec.get("bytes"), rec.get("sha256")) if isinstance(rec, dict) else (None, None)
+        if type(size) is not int or (fmt >= 2 and not isinstance(digest, str)):
+            raise CheckpointError(path / MANIFEST, f"malformed entry for {name}")
+        if f.stat().st_size != size:
+            raise CheckpointError(f, f"has {f.stat().st_size} bytes, the manifest says {size}")
+        if digest is not None and safe_state.sha256_file(f) != digest:
+            raise CheckpointError(f, "SHA-256 differs from the manifest's (the file changed after it was written)")
+    headers = {n: _check_safetensors_header(path / n) for n in files if n.endswith(".safetensors")}
+    for name in files:
+        if name.endswith(".json") and not isinstance(_read_json(path / name), (dict, list)):
+            raise CheckpointError(path / name, "not a JSON object")
+    if fmt >= 2:
+        for part in ("optimizer", "state"):
+            have = headers[f"{part}.safetensors"]
+            for key in safe_state.tensor_refs(_read_json(path / f"{part}.json")):
+                if key not in have:
+                    raise CheckpointError(path / f"{part}.safetensors",
+                                          f"has no tensor {key!r} ({part}.json refers to it)")
+    return man
+
+
+def _fault(path: Path) -> str | None:
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        return str(e)
+    except OSError as e:
+        return f"{path}: {e.strerror or e}"
     return None
+
+
+def scan_checkpoints(root: Path) -> Iterator[tuple[Path, str | None]]:
+    """``(step directory, fault or None)`` for every ``step_*`` directory under ``root``, newest first,
+    verified lazily (stop iterating once you have what you need)."""
+    for _, p in _step_dirs(root):
+        yield p, _fault(p)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Step directories under ``root`` whose manifest lists files that are all present with their recorded
+    sizes (a cheap completeness check, no hashing), oldest first. Missing ``root`` gives ``[]``."""
+    out = []
+    for _, p in reversed(_step_dirs(root)):
+        try:
+            man = _read_manifest(p)
+            if all((p / n).is_file() and (p / n).stat().st_size == (r if man["format"] == 1 else r.get("bytes"))
+                   for n, r in man["files"].items() if isinstance(n, str) and "/" not in n):
+                out.append(p)
+        except (CheckpointError, AttributeError, OSError):
+            continue
+    return out
+
+
+def latest_checkpoint(root: Path, on_skip: Callable[[Path, str], None] | None = None) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies; each newer one that does not is passed to
+    ``on_skip(path, fault)`` (default: a warning). ``None`` if there is none."""
+    for p, fault in scan_checkpoints(root):
+        if fault is None:
+            return p
+        if on_skip is None:
+            warnings.warn(f"skipping broken checkpoint {p.name}: {fault}", stacklevel=2)
+        else:
+            on_skip(p, fault)
+    return None
+
+
+def find_checkpoint(path: Path, on_skip: Callable[[Path, str], None] | None = None) -> Path:
+    """``path`` itself if it is a checkpoint directory (verified), else the newest verified checkpoint of
+    the run directory ``path``. FileNotFoundError when there is none, CheckpointError for a damaged one."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or (path / "spec.resolved.json").is_file() and any(path.glob("*.safetensors")):
+        verify_checkpoint(path)
+        return path
+    faults: list[str] = []
+    ck = latest_checkpoint(path / "checkpoints", on_skip or (lambda p, f: faults.append(f)))
+    if ck is not None:
+        return ck
+    if faults:
+        raise CheckpointError(path / "checkpoints", "no checkpoint verifies: " + "; ".join(faults))
+    raise FileNotFoundError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
 
 
 # --------------------------------------------------------------------------------------- load
 def _safetensors_device(map_location: Any) -> str:
-    if isinstance(map_location, torch.device):
+    if isinstance(map_location, (torch.device, str)):
         return str(map_location)
-    if isinstance(map_location, str):
-        return map_location
     return "cpu"  # dicts/callables only make sense for torch.load
 
 
-def load_weights(
-    path: Path, *, prefer_ema: bool = True, map_location: Any = "cpu"
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
-    """For sampling: ``(spec, weights, is_ema)`` from a checkpoint directory without unpickling
-    anything. ``weights`` is the EMA if present and ``prefer_ema``, else the trained weights."""
+def _tensors(f: Path, dev: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(f, device=dev)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error type)
+        raise CheckpointError(f, f"unreadable safetensors ({str(e).splitlines()[0][:120]})") from None
+
+
+def _legacy(f: Path, map_location: Any) -> Any:
+    """A format-1 pickle, read only with ``torch.load(weights_only=True)`` (no code runs)."""
+    try:
+        return torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (the unpickler raises many types)
+        why = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f, "a pickle of an older fmzoo (checkpoint format 1) that torch.load(weights_only=True) "
+                                 f"refuses ({why}); it is not unpickled. Its weights still sample and evaluate; "
+                                 "to train on, start a new run") from None
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu", *, verify: bool = True,
+                    training_state: bool = True) -> Checkpoint:
+    """Load a checkpoint directory (verified first unless ``verify=False``). ``map_location``: the device of
+    the tensors (format 1: passed to ``torch.load``). ``training_state=False`` reads only the weights, spec
+    and meta (sampling, evaluation); ``optimizer``/``state`` are then ``{}``."""
     path = Path(path)
-    spec = json.loads((path / "spec.resolved.json").read_text(encoding="utf-8"))
+    man = verify_checkpoint(path) if verify else _read_manifest(path)
     dev = _safetensors_device(map_location)
-    if prefer_ema and (path / "ema.safetensors").is_file():
-        return spec, load_file(path / "ema.safetensors", device=dev), True
-    return spec, load_file(path / "model.safetensors", device=dev), False
-
-
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> Checkpoint:
-    """Load everything in a checkpoint directory.
-
-    ``map_location`` is passed to ``torch.load`` (str, ``torch.device``, dict or callable) and,
-    when it is a str/device, also used as the device of the safetensors weights (else CPU).
-    See the module docstring for why ``weights_only=False`` is used.
-    """
-    path = Path(path)
-    dev = _safetensors_device(map_location)
-    man = _read_manifest(path) if (path / MANIFEST).is_file() else {}
-    step = man.get("step", _step_of(path))
+    optimizer: Any = {}
+    state: Any = {}
+    if training_state and man["format"] == 1:
+        optimizer, state = _legacy(path / "optimizer.pt", map_location), _legacy(path / "state.pt", map_location)
+    elif training_state:
+        try:
+            optimizer, state = (safe_state.join(_read_json(path / f"{p}.json"), _tensors(path / f"{p}.safetensors", dev))
+                                for p in ("optimizer", "state"))
+        except (KeyError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(path, f"optimizer/state JSON does not match its tensors ({e})") from None
     ema_file = path / "ema.safetensors"
-    return Checkpoint(
-        step=int(step) if step is not None else -1,
-        model=load_file(path / "model.safetensors", device=dev),
-        ema=load_file(ema_file, device=dev) if ema_file.is_file() else None,
-        # Our own files; they contain non-tensor Python objects (see module docstring).
-        optimizer=torch.load(path / "optimizer.pt", map_location=map_location, weights_only=False),
-        state=torch.load(path / "state.pt", map_location=map_location, weights_only=False),
-        spec=json.loads((path / "spec.resolved.json").read_text(encoding="utf-8")),
-        meta=json.loads((path / "meta.json").read_text(encoding="utf-8")),
-        path=path,
-    )
+    return Checkpoint(step=int(man["step"]), model=_tensors(path / "model.safetensors", dev),
+                      ema=_tensors(ema_file, dev) if ema_file.is_file() else None, optimizer=optimizer, state=state,
+                      spec=_read_json(path / "spec.resolved.json"), meta=_read_json(path / "meta.json"), path=path,
+                      format=man["format"])
 
 
-# ---------------------------------------------------------------------------------------- RNG
-def rng_state() -> dict[str, Any]:
-    """Global RNG states: ``{"python": random.getstate(), "numpy": np.random.get_state(),
-    "torch": ByteTensor, "cuda": list[ByteTensor] (only if CUDA is available)}``."""
-    d: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        d["cuda"] = torch.cuda.get_rng_state_all()
-    return d
-
-
-def set_rng_state(d: dict[str, Any]) -> None:
-    """Restore what ``rng_state()`` captured (tensors may come back on any device). A saved
-    CUDA state is restored for as many devices as both runs have, with a warning on mismatch."""
-    if "python" in d:
-        py = d["python"]
-        # torch.load may turn the inner tuple into a list; random.setstate wants tuples.
-        random.setstate((py[0], tuple(py[1]), py[2]))
-    if "numpy" in d:
-        np.random.set_state(tuple(d["numpy"]))
-    if "torch" in d:
-        torch.set_rng_state(torch.as_tensor(d["torch"]).to("cpu", torch.uint8))
-    cuda = d.get("cuda")
-    if cuda is not None:
-        if not torch.cuda.is_available():
-            warnings.warn("checkpoint has CUDA RNG states but CUDA is not available; ignored", stacklevel=2)
-            return
-        n = torch.cuda.device_count()
-        if len(cuda) != n:
-            warnings.warn(f"checkpoint has {len(cuda)} CUDA RNG states, this process sees {n} devices", stacklevel=2)
-        for i, s in enumerate(cuda[:n]):
-            torch.cuda.set_rng_state(torch.as_tensor(s).to("cpu", torch.uint8), i)
-
-
-def find_checkpoint(path: Path) -> Path:
-    """``path`` itself if it is a checkpoint directory, else the newest good checkpoint of the run directory
-    ``path``; FileNotFoundError (with a message for the user) when there is none."""
+def load_weights(path: Path, *, prefer_ema: bool = True,
+                 map_location: Any = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
+    """For sampling: ``(spec, weights, is_ema)`` from a verified checkpoint directory. ``weights`` is the
+    EMA if present and ``prefer_ema``, else the trained weights."""
     path = Path(path)
-    if (path / "spec.resolved.json").is_file() and any(path.glob("*.safetensors")):
-        return path
-    ck = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
-    if ck is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint directory nor a run directory with checkpoints")
-    return ck
+    verify_checkpoint(path)
+    spec, dev = _read_json(path / "spec.resolved.json"), _safetensors_device(map_location)
+    if prefer_ema and (path / "ema.safetensors").is_file():
+        return spec, _tensors(path / "ema.safetensors", dev), True
+    return spec, _tensors(path / "model.safetensors", dev), False

@@ -208,23 +208,33 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 
 def graph_from_checkpoint(path: Any, device: torch.device, edit: Any = None) -> tuple[Graph, Any]:
     """A checkpoint directory or a run directory (its newest checkpoint) -> (graph with the saved weights,
-    checkpoint). ``edit(raw_spec)`` may change the saved spec before validation (e.g. another solver).
-    Raises FileNotFoundError or SpecError with a message for the user."""
+    checkpoint, weights only: nothing but safetensors and JSON is read). ``edit(raw_spec)`` may change the saved
+    spec before validation (e.g. another solver). The checkpoint is verified first. Raises FileNotFoundError,
+    :class:`runtime.checkpoint.CheckpointError` or SpecError with a message for the user."""
     import json
     from pathlib import Path
 
     from registry.plugins import load_plugins
     from registry.spec import validate
-    from runtime.checkpoint import find_checkpoint, load_checkpoint
+    from runtime.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 
-    ck_dir = find_checkpoint(Path(path))
+    import sys
+
+    ck_dir = find_checkpoint(Path(path), on_skip=lambda p, f: sys.stderr.write(f"warning: skipping checkpoint "
+                                                                                 f"{p.name}: {f}\n"))
     load_plugins()
     raw = json.loads((ck_dir / "spec.resolved.json").read_text())
     if edit is not None:
         edit(raw)
     graph = compile_spec(validate(raw), device, load_teachers=False)  # frozen encoders: training only
-    ck = load_checkpoint(ck_dir, map_location=device)
-    graph.train_module.load_state_dict(ck.model)
-    if ck.ema is not None and graph.ema is not None:
-        graph.ema.module.load_state_dict(ck.ema)
+    ck = load_checkpoint(ck_dir, map_location=device, training_state=False)
+    for name, module, sd in (("model", graph.train_module, ck.model),
+                             ("ema", graph.ema.module if graph.ema is not None else None, ck.ema)):
+        try:
+            if module is not None and sd is not None:
+                module.load_state_dict(sd)
+        except RuntimeError as e:
+            lines = str(e).strip().splitlines()
+            detail = lines[min(1, len(lines) - 1)].strip()[:200]  # the first mismatch
+            raise CheckpointError(ck_dir / f"{name}.safetensors", f"does not fit the spec's model ({detail})") from None
     return graph, ck

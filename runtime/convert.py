@@ -128,7 +128,9 @@ def strip_prefixes(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_source(path: str | Path, weights: str = "auto", fmt: str | None = None) -> tuple[dict[str, Tensor], str]:
-    """Read ``path`` (``.safetensors`` or a torch file, ``weights_only=True``) -> ``(state dict, entry)``."""
+    """Read ``path`` -> ``(state dict, entry)``: ``.safetensors``, or a torch file through
+    ``torch.load(weights_only=True)`` with one allowed global, ``argparse.Namespace`` (the ``args`` that SiT/REPA
+    training checkpoints store); anything else a pickle names is refused, nothing in it runs."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")

@@ -63,6 +63,14 @@ def all_true(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
+def all_min(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise minimum of ``t`` over all ranks (``t`` itself with one process); no host sync."""
+    if info.enabled:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import zoo  # noqa: F401
     from registry.errors import SpecError
+    from runtime.checkpoint import CheckpointError
     from runtime.compiler import graph_from_checkpoint
     from runtime.distributed import pick_device
     from runtime.tracking import show_zoo_log
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as e:
         sys.stderr.write(f"error: --metric: invalid JSON: {e}\n")
         return 2
-    except (FileNotFoundError, SpecError) as e:
+    except (FileNotFoundError, SpecError, CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
     if not graph.spec.eval.metrics:

@@ -22,9 +22,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("spec", help="spec JSON file")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="edit the raw spec before validation, e.g. --set train.steps=100 (VALUE parsed as JSON, else a string)")
-    ap.add_argument("--out", type=Path, default=None, help="run directory (default runs/<name>)")
+    ap.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     ap.add_argument("--resume", default=None, metavar="auto|PATH",
-                    help="continue from the newest good checkpoint of the run directory (auto) or from PATH")
+                    help="continue from the newest checkpoint of the run directory that verifies (auto), or from "
+                         "PATH (a checkpoint directory, or a run directory: its newest one that verifies)")
     ap.add_argument("--dry-run", action="store_true", help="validate, resolve, print sizes and FLOPs, then exit")
     ap.add_argument("--no-plugins", action="store_true", help="do not load third-party plugins")
     return ap.parse_args(argv)
@@ -106,10 +107,14 @@ def write_run_facts(run_dir: Path, graph, info, started: float, finished: float,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from runtime.rundir import out_problem
+
+    if out_problem(args.out):
+        return fail([out_problem(args.out)])
     import zoo  # noqa: F401  (registers the built-ins)
     from registry.errors import SpecError
     from registry.plugins import load_plugins
-    from registry.spec import load_spec, resolved_dict
+    from registry.spec import load_spec
 
     try:
         if not args.no_plugins:
@@ -123,30 +128,44 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(spec)
 
+    from runtime.rundir import RunDirInUse, RunLock
+
+    run_dir = Path(args.out) if args.out is not None else Path("runs") / spec.name
+    lock = RunLock(run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock per run: rank 0 holds it for all ranks
+        try:
+            note = lock.acquire()
+        except RunDirInUse as e:
+            return fail([str(e)])
+        except OSError as e:
+            return fail([f"{run_dir}: cannot use it as the run directory ({e.strerror or e})"])
+        if note:
+            sys.stderr.write(f"note: {note}\n")
+    with lock:
+        return run(args, spec, run_dir)
+
+
+def run(args: argparse.Namespace, spec, run_dir: Path) -> int:
+    """Everything after the spec is valid and the run directory is locked."""
+    from registry.spec import resolved_dict
     from runtime import distributed
-    from runtime.checkpoint import latest_checkpoint
+    from runtime.checkpoint import CheckpointError
     from runtime.compiler import compile_spec
     from runtime.latents import CacheMismatch
+    from runtime.resume import Refused, plan
     from runtime.train import TrainingStopped, train
     from zoo.data.errors import DataError
 
-    run_dir = args.out or Path("runs") / spec.name
     ckpt_root = run_dir / "checkpoints"
-    resume: Path | None = None
-    if args.resume == "auto":
-        resume = latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
-    elif args.resume:
-        resume = Path(args.resume)
-        if not (resume / "spec.resolved.json").is_file():
-            return fail([f"--resume {resume}: not a checkpoint directory (no spec.resolved.json)"])
-    elif ckpt_root.is_dir() and any(ckpt_root.glob("step_*")):
-        return fail([f"{run_dir} already holds checkpoints; pass --resume auto to continue it or --out for a new run"])
-
-    done = None
-    if resume is not None:
-        from runtime.checkpoint import load_checkpoint
-
-        done = load_checkpoint(resume).step
+    try:
+        chosen = plan(args.resume, run_dir, spec)
+    except Refused as e:
+        return fail(e.lines)
+    resume = chosen.path if chosen is not None else None
+    done = chosen.step if chosen is not None else None
+    if chosen is not None:
+        for note in chosen.notes:
+            sys.stderr.write(f"note: {note}\n")
         if done >= spec.train.steps:
             print(f"{run_dir}: already complete at step {done} (train.steps = {spec.train.steps}); "
                   f"raise it with --set train.steps=N to continue")
@@ -175,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail([str(e)])
     except CacheMismatch as e:  # a latent cache made with another autoencoder
         return fail([str(e)])
+    except CheckpointError as e:  # the resumed checkpoint does not load into this run
+        return fail([f"--resume: {e}"])
     except TrainingStopped as e:
         sys.stderr.write(f"error: {e}\n")
         return 1

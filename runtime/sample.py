@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import zoo  # noqa: F401
     from registry.errors import SpecError
+    from runtime.checkpoint import CheckpointError
     from runtime.compiler import graph_from_checkpoint
     from runtime.distributed import pick_device
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         graph, ck = graph_from_checkpoint(args.path, pick_device(args.device), edit)
-    except (FileNotFoundError, SpecError) as e:
+    except (FileNotFoundError, SpecError, CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
     spec, ck_dir = graph.spec, ck.path

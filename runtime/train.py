@@ -3,8 +3,11 @@
 One optimizer step = ``grad_accum`` micro-batches (forward + backward, DDP gradient sync on the last one),
 then clip, a finiteness check, AdamW, EMA. A step whose loss or gradient is not finite is skipped without
 touching weights, optimizer state or EMA, and counted; too many in a row stop the run with the last good
-checkpoint intact. All per-step randomness comes from ``StepRNG(seed, step, micro)``, so a resumed run and
-a run on N processes see the same noise for the same sample and step.
+checkpoint intact. After every update the largest weight magnitude is measured on the device; the next
+step's one host sync reads it (with that step's loss and gradient flags), and a checkpoint is written only
+after reading it too: an update that made a weight non-finite or absurd (see :class:`Stepper`) stops the run
+before anything is saved. All per-step randomness comes from ``StepRNG(seed, step, micro)``, so a resumed
+run and a run on N processes see the same noise for the same sample and step.
 """
 from __future__ import annotations
 
@@ -23,11 +26,11 @@ from tqdm import tqdm
 
 from registry.kinds import DATASETS, METRICS
 from registry.spec import resolved_dict
-from runtime.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from runtime.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from runtime.compiler import Graph
-from runtime.data import build_loader, collate_pairs
+from runtime.data import build_loader, collate_pairs, restore_loader
 from runtime.media_out import Written, real_indices, write_clip_readings, write_samples
-from runtime.distributed import DistInfo, all_reduce_mean, all_true, barrier
+from runtime.distributed import DistInfo, all_min, all_reduce_mean, barrier
 from runtime.latents import latent_health
 from runtime.optim import LearningRate, build_optimizer
 from runtime.sample import default_labels, generate
@@ -38,6 +41,14 @@ from zoo.core.types import StepContext, StepRNG, TokenBatch
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. too many consecutive non-finite steps); the message says why."""
+
+
+class BadUpdate(RuntimeError):
+    """The last applied update left a weight non-finite or beyond :data:`WEIGHT_LIMIT`; it cannot be undone."""
+
+
+WEIGHT_LIMIT = 1e4
+"""An update is bad when afterwards max |w| > WEIGHT_LIMIT * max(1, max |w| when the Stepper first ran)."""
 
 
 class Stepper:
@@ -56,11 +67,35 @@ class Stepper:
         self.micro = tr.batch_size // tr.grad_accum          # all ranks together
         self.local = self.micro // info.world_size            # this rank
         self.clip = tr.grad_clip if tr.grad_clip is not None else math.inf
+        self.limit: torch.Tensor | None = None    # 0-d, on the device: the bound on max |w|
+        self.w_max: torch.Tensor | None = None    # 0-d, max |w| after the last applied update (not yet read)
+
+    @torch.no_grad()
+    def _max_weight(self) -> torch.Tensor:
+        """max |w| over the trainable weights, a 0-d float32 tensor on the device (NaN if any is NaN); no sync."""
+        if not self.params:
+            return torch.zeros((), device=self.graph.device)
+        return torch.stack([n.float() for n in torch._foreach_norm(self.params, math.inf)]).max()
+
+    def _raise_bad(self, w_max: float) -> None:
+        what = "non-finite" if not math.isfinite(w_max) else f"as large as {w_max:.3g} (limit {float(self.limit):.3g})"
+        raise BadUpdate(f"the update made a weight {what}; check train.lr ({self.graph.spec.train.lr:g}) and "
+                        f"train.weight_decay ({self.graph.spec.train.weight_decay:g})")
+
+    def check_weights(self) -> None:
+        """Read the pending weight check (one host sync); :class:`BadUpdate` if the last update was bad."""
+        if self.w_max is not None:
+            flag = all_min(torch.stack([self.w_max <= self.limit]).float(), self.info)
+            if not bool(flag[0]):
+                self._raise_bad(float(self.w_max))
 
     def step(self, step: int, batches: list) -> tuple[bool, dict[str, torch.Tensor]]:
         """One optimizer step over ``batches``: ``grad_accum`` data pairs ``(x, y)``, or ready
-        ``TokenBatch``es (benchmarks on synthetic latents). Returns (applied, metrics)."""
+        ``TokenBatch``es (benchmarks on synthetic latents). Returns (applied, metrics); raises
+        :class:`BadUpdate` (before touching anything) if the previous update left bad weights."""
         g, info = self.graph, self.info
+        if self.limit is None:
+            self.limit = WEIGHT_LIMIT * self._max_weight().clamp(min=1.0)
         lr = self.lr.apply(self.opt, step)
         sums: dict[str, torch.Tensor] = {}
         for m, batch in enumerate(batches):
@@ -77,11 +112,17 @@ class Stepper:
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / self.accum
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         # one host sync per step: every rank must agree before anything is touched
-        ok = all_true(bool(torch.isfinite(norm) and torch.isfinite(sums["loss"])), info)
+        w_ok = self.w_max <= self.limit if self.w_max is not None else torch.ones((), dtype=torch.bool, device=g.device)
+        flags = all_min(torch.stack([torch.isfinite(norm), torch.isfinite(sums["loss"]), w_ok]).float(), info).tolist()
+        if not flags[2]:
+            self.opt.zero_grad(set_to_none=True)
+            self._raise_bad(float(self.w_max))
+        ok = bool(flags[0] and flags[1])
         if ok:
             self.opt.step()
             if g.ema is not None:
                 g.ema.update(g.backbone)
+            self.w_max = self._max_weight()
         self.opt.zero_grad(set_to_none=True)
         return ok, {**sums, "grad_norm": norm.detach().float(), "lr": torch.tensor(lr)}
 
@@ -93,16 +134,9 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
     loader = build_loader(dataset, global_batch=tr.batch_size, grad_accum=tr.grad_accum, rank=info.rank,
                           world_size=info.world_size, seed=tr.seed, num_workers=spec.data.num_workers)
     start, skipped = 0, 0
+    last_good = resume  # what the stop messages name: the newest checkpoint known to be good
     if resume is not None:
-        ck = load_checkpoint(resume, map_location=graph.device)
-        graph.train_module.load_state_dict(ck.model)
-        if graph.ema is not None:
-            graph.ema.load_state_dict(ck.ema, ck.state["ema_updates"])
-        stepper.opt.load_state_dict(ck.optimizer)
-        states = ck.state["loader"]
-        loader.load_state_dict(states[info.rank] if len(states) == info.world_size else states[0])
-        set_rng_state(ck.state["rng"])
-        start, skipped = ck.step, ck.state["skipped_steps"]
+        start, skipped = restore(graph, stepper, loader, resume, info)
     # resume_step = the checkpoint's step (0 for a fresh start): drops lines a crashed run wrote after it
     tracker = Tracker(run_dir, tensorboard=spec.log.tensorboard, enabled=info.is_main, resume_step=start)
     if info.is_main:  # unnormalised latents (wrong scale/shift or cache statistics) are said before step 1
@@ -131,7 +165,12 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
     bar = tqdm(total=tr.steps, initial=start, disable=not (info.is_main and spec.log.progress), dynamic_ncols=True,
                desc=spec.name, unit="step", mininterval=0.1 if sys.stderr.isatty() else 30.0)
     for step in range(start, tr.steps):
-        ok, metrics = stepper.step(step, [next(data) for _ in range(tr.grad_accum)])
+        try:
+            ok, metrics = stepper.step(step, [next(data) for _ in range(tr.grad_accum)])
+        except BadUpdate as e:
+            tracker.close()
+            raise TrainingStopped(f"stopped after step {step}: {e}; nothing after it was saved; "
+                                  f"{good_note(last_good)}") from None
         if ok:
             consecutive = 0
             n_window += 1
@@ -146,8 +185,7 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
                 tracker.close()
                 raise TrainingStopped(
                     f"stopped at step {step + 1}: {consecutive} consecutive steps had a non-finite loss or gradient "
-                    f"(train.max_consecutive_skips = {tr.max_consecutive_skips}); the last good checkpoint is in "
-                    f"{run_dir / 'checkpoints'}")
+                    f"(train.max_consecutive_skips = {tr.max_consecutive_skips}); {good_note(last_good)}")
         done = step + 1
         bar.update(1)
         if done % spec.log.every == 0 or done == tr.steps:
@@ -165,7 +203,14 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
                 evaluator.evaluate(done)
             barrier(info)
         if done % tr.checkpoint_every == 0 or done == tr.steps:
+            try:
+                stepper.check_weights()
+            except BadUpdate as e:
+                tracker.close()
+                raise TrainingStopped(f"stopped after step {done}: {e}; its checkpoint was not written; "
+                                      f"{good_note(last_good)}") from None
             checkpoint(done)
+            last_good = run_dir / "checkpoints" / f"step_{done:08d}"
     bar.close()
     result: dict[str, Any] = {"steps": tr.steps, "skipped_steps": skipped}
     if evaluator is not None:
@@ -177,6 +222,38 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
     barrier(info)
     tracker.close()
     return result
+
+
+def good_note(last_good: Path | None) -> str:
+    """The end of a stop message: where to resume from."""
+    if last_good is None:
+        return "no checkpoint was written before it (nothing to resume)"
+    return f"the last good checkpoint is in {last_good}"
+
+
+def restore(graph: Graph, stepper: Stepper, loader: Any, resume: Path, info: DistInfo) -> tuple[int, int]:
+    """Load the checkpoint ``resume`` into the model, EMA, optimizer, loader and RNGs; returns (step, skipped).
+    The spec's AdamW hyper-parameters replace the saved ones (a resume may change them).
+    :class:`runtime.checkpoint.CheckpointError` if anything in it does not fit."""
+    tr = graph.spec.train
+    ck = load_checkpoint(resume, map_location=graph.device)
+    try:
+        graph.train_module.load_state_dict(ck.model)
+        if graph.ema is not None:
+            graph.ema.load_state_dict(ck.ema, int(ck.state["ema_updates"]))
+        stepper.opt.load_state_dict(ck.optimizer)
+        for group in stepper.opt.param_groups:
+            group.update(betas=tuple(tr.betas), eps=tr.eps, weight_decay=tr.weight_decay)
+        states = ck.state["loader"]
+        restore_loader(loader, states[info.rank] if len(states) == info.world_size else states[0])
+        set_rng_state(ck.state["rng"])
+        return int(ck.step), int(ck.state["skipped_steps"])
+    except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        detail = lines[min(1, len(lines) - 1)].strip()[:200]  # the first mismatch, not the "Error(s) in" header
+        raise CheckpointError(resume, f"does not fit this run ({detail})") from None
 
 
 def _kind(spec: Any) -> str:

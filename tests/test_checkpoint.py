@@ -72,8 +72,8 @@ def test_round_trip_with_tied_weights(tmp_path):
     path = _save(tmp_path, 7, m=m, opt=opt)
     assert path == tmp_path / "step_00000007"
     names = {p.name for p in path.iterdir()}
-    assert {"model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt", "spec.resolved.json",
-            "meta.json", "manifest.json"} == names
+    assert {"model.safetensors", "ema.safetensors", "optimizer.json", "optimizer.safetensors", "state.json",
+            "state.safetensors", "spec.resolved.json", "meta.json", "manifest.json"} == names
     ck = load_checkpoint(path)
     assert ck.step == 7 and ck.path == path
     sd = m.state_dict()
@@ -115,9 +115,11 @@ def test_keep_last_k(tmp_path):
         _save(tmp_path, s, keep=2, m=m, opt=opt)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000005"]
-    # Re-saving an older step (resume from it) never deletes the checkpoint just written.
+    # Re-saving an older step (resume from it) deletes neither the checkpoint just written nor the newest
+    # verified ones (4 and 5 are the 2 newest).
     p = _save(tmp_path, 3, keep=2, m=m, opt=opt)
-    assert p.is_dir() and len(list_checkpoints(tmp_path)) == 2
+    assert p.is_dir() and [q.name for q in list_checkpoints(tmp_path)] == [
+        "step_00000003", "step_00000004", "step_00000005"]
 
 
 def test_resave_same_step_replaces(tmp_path):
@@ -140,7 +142,7 @@ def test_crash_leftovers_are_skipped_and_cleaned(tmp_path):
     # Step 30: a file missing. Step 40: model header overwritten (same size). Step 50: truncated.
     for s in (30, 40, 50):
         _save(tmp_path, s, m=m, opt=opt)
-    (tmp_path / "step_00000030" / "state.pt").unlink()
+    (tmp_path / "step_00000030" / "state.json").unlink()
     f40 = tmp_path / "step_00000040" / "model.safetensors"
     raw = bytearray(f40.read_bytes())
     raw[8:16] = b"garbage!"
@@ -161,8 +163,10 @@ def test_crash_leftovers_are_skipped_and_cleaned(tmp_path):
         new = _save(tmp_path, 70, m=m, opt=opt, keep=2)
     assert not dead.exists() and alive.exists()
     assert latest_checkpoint(tmp_path) == new
-    # keep=2 counts complete checkpoints only: 40 (cheap-complete) and 70 remain; broken dirs stay.
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000040", "step_00000070"]
+    # keep=2 counts verified checkpoints only (70 and 20): 10 is deleted; the broken 30-60 stay, never counted.
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000020", "step_00000040", "step_00000070"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == [
+        f"step_000000{s}0" for s in (2, 3, 4, 5, 6, 7)]
 
 
 def test_failed_save_leaves_previous_state(tmp_path, monkeypatch):
@@ -172,7 +176,7 @@ def test_failed_save_leaves_previous_state(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "_torch_save", boom)
+    monkeypatch.setattr(ckpt, "_write_state", boom)
     with pytest.raises(OSError, match="disk full"):
         _save(tmp_path, 2, m=m, opt=opt)
     assert [p.name for p in tmp_path.iterdir()] == [prev.name]
@@ -208,8 +212,13 @@ def test_rng_round_trip(tmp_path):
     assert _draw() == expected
 
 
-def test_manifest_lists_sizes(tmp_path):
+def test_manifest_lists_sizes_and_hashes(tmp_path):
+    import hashlib
+
     path = _save(tmp_path, 5)
     man = json.loads((path / "manifest.json").read_text())
-    assert man["step"] == 5 and man["format"] == ckpt.FORMAT_VERSION
-    assert man["files"]["model.safetensors"] == (path / "model.safetensors").stat().st_size
+    assert man["step"] == 5 and man["format"] == ckpt.FORMAT_VERSION == 2
+    f = path / "model.safetensors"
+    assert man["files"]["model.safetensors"] == {"bytes": f.stat().st_size,
+                                                 "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+    assert set(man["files"]) == {p.name for p in path.iterdir()} - {"manifest.json"}

@@ -57,8 +57,9 @@ def test_smoke_run_writes_the_documented_run_directory(finished_run):
     assert any("eval/class_accuracy" in r and "real/class_accuracy" in r for r in rows)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
     ck = out / "checkpoints" / "step_00000006"
-    assert {"model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt", "spec.resolved.json"} <= {
-        p.name for p in ck.iterdir()}
+    assert {"model.safetensors", "ema.safetensors", "optimizer.json", "optimizer.safetensors", "state.json",
+            "state.safetensors", "spec.resolved.json", "manifest.json"} <= {p.name for p in ck.iterdir()}
+    assert not list(ck.glob("*.pt"))  # nothing pickled
     assert any((out / "tb").iterdir())
     img = Image.open(out / "samples" / "step_00000006.png")
     assert img.size[0] > 16 and img.size[1] > 16
