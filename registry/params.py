@@ -9,13 +9,48 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from registry.errors import closest
+from registry.numeric import TypeMismatch, check_range, check_raw
 
 
-class ZooParams(BaseModel):
-    """Base params model: ``extra="forbid"``, frozen, every field described."""
+class CheckedNumbers(BaseModel):
+    """Every field of every spec model: no bool for a number (nor a number for a bool), no string for either,
+    finite floats within float32, integers within int64 (:mod:`registry.numeric`)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_types(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        by_key = {f.alias or n: f for n, f in cls.model_fields.items()} | dict(cls.model_fields)
+        errors = []
+        for key, value in data.items():
+            field = by_key.get(key) if isinstance(key, str) else None
+            if field is None:
+                continue
+            try:
+                check_raw(value, field.annotation)
+            except TypeMismatch as e:
+                errors.append(InitErrorDetails(type=PydanticCustomError("strict_type", str(e)), loc=(key, *e.loc),
+                                               input=value))
+        if errors:  # raised as a ValidationError, pydantic keeps each error's field in its location
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite_in_range(cls, value: Any) -> Any:
+        check_range(value)
+        return value
+
+
+class ZooParams(CheckedNumbers):
+    """Base params model: ``extra="forbid"``, frozen, every field described, numbers checked."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
@@ -46,8 +81,8 @@ class ZooParams(BaseModel):
         return v
 
 
-class Settings(BaseModel):
-    """Base for untagged spec sections (``train``, ``sample``, ...): forbid unknown keys, frozen."""
+class Settings(CheckedNumbers):
+    """Base for untagged spec sections (``train``, ``sample``, ...): forbid unknown keys, frozen, numbers checked."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 

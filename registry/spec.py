@@ -8,10 +8,11 @@ entries registered now, so a plugin's new entry is accepted everywhere its kind 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from functools import cache
-from typing import Any, Iterable, Literal, get_args
+from typing import Annotated, Any, Iterable, Literal, get_args
 
 import pydantic
 from pydantic import Field
@@ -32,10 +33,12 @@ class EMASettings(Settings):
 
 class TrainSettings(Settings):
     steps: int = Field(..., gt=0, description="Optimizer steps in the run.")
-    batch_size: int = Field(..., gt=0, description="Global batch size (all ranks and accumulation micro-steps together).")
+    batch_size: int = Field(..., gt=0, le=2**20, description="Global batch size (all ranks and accumulation micro-steps "
+                                                               "together); at most 2^20.")
     grad_accum: int = Field(1, gt=0, description="Micro-steps accumulated per optimizer step.")
     lr: float = Field(1e-4, gt=0, description="Base AdamW learning rate (REPA/SiT: 1e-4).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        (0.9, 0.999), description="AdamW betas, each in [0, 1).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up from 0, in optimizer steps.")
@@ -46,7 +49,7 @@ class TrainSettings(Settings):
         "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU (bf16 backward is slow on CPUs).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
     ema: EMASettings = Field(default_factory=EMASettings, description="EMA of the backbone (evaluated; Self-Flow's teacher).")
-    seed: int = Field(0, description="Seed of initialisation, data order and per-step noise.")
+    seed: int = Field(0, ge=0, description="Seed of initialisation, data order and per-step noise (0 to 2^63 - 1).")
     checkpoint_every: int = Field(1000, gt=0, description="Save a checkpoint every this many steps (and at the end).")
     keep_checkpoints: int = Field(3, gt=0, description="Keep the newest this many checkpoints.")
     max_consecutive_skips: int = Field(
@@ -56,11 +59,11 @@ class TrainSettings(Settings):
 
 class SampleSettings(Settings):
     every: int | None = Field(None, gt=0, description="Write a preview sample grid every this many steps (null = only at the end).")
-    n: int = Field(16, gt=0, description="Samples per preview / per `runtime.sample` call.")
+    n: int = Field(16, gt=0, le=10_000, description="Samples per preview / per `runtime.sample` call (at most 10,000).")
     cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale w in v_u + w (v_c - v_u); 1 = off.")
     guidance_low: float = Field(0.0, ge=0, le=1, description="Guidance applies for t in [low, high] (RF time).")
     guidance_high: float = Field(1.0, ge=0, le=1, description="Upper end of the guidance interval (REPA: 0.7).")
-    seed: int = Field(0, description="Seed of the sampling noise (independent of the training RNG).")
+    seed: int = Field(0, ge=0, description="Seed of the sampling noise (independent of the training RNG; 0 to 2^63 - 1).")
     labels: list[int] | None = Field(None, description="Class labels to sample; null cycles 0, 1, ..., num_classes - 1.")
     use_ema: bool = Field(True, description="Sample from the EMA weights.")
 
@@ -68,7 +71,8 @@ class SampleSettings(Settings):
 class EvalSettings(Settings):
     every: int | None = Field(None, gt=0, description="Evaluate every this many steps (null = only at the end).")
     at_end: bool = Field(True, description="Evaluate once after the last step.")
-    num_samples: int = Field(200, gt=0, description="Generated samples per evaluation.")
+    num_samples: int = Field(200, gt=0, le=100_000, description="Generated samples per evaluation (held in memory "
+                                                               "together; at most 100,000).")
     metrics: list["MetricSpec"] = Field(default_factory=list, description="Metrics to compute.")
 
 
@@ -326,20 +330,87 @@ def parse_set(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise SpecError([("", f"--set {item!r}: expected KEY=VALUE")])
     key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or "" in key.split("."):
+        raise SpecError([("", f"--set {item[:80]!r}: KEY must be a dotted field path such as train.steps")])
+    try:
+        value = parse_json_text(text, f"--set {key}")
+    except _NotJSON:
+        value = text
+    return key, value
+
+
+MAX_SPEC_BYTES = 16 * 2**20
+MAX_DEPTH = 64  # shipped specs nest 5 levels; far deeper input only exhausts the parser's recursion
+
+
+class _NotJSON(Exception):
+    def __init__(self, e: json.JSONDecodeError):
+        self.e = e
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (iterative: safe on any depth the parser returned)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, d)
+            stack += [(v, d + 1) for v in (node.values() if isinstance(node, dict) else node)]
+    return deepest
+
+
+def parse_json_text(text: str, where: str) -> Any:
+    """JSON text -> value; :class:`SpecError` naming ``where`` for input the parser cannot take (nesting past
+    :data:`MAX_DEPTH`, integer literals past Python's digit limit); ``_NotJSON`` for plain invalid JSON."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    return key.strip(), value
+    except json.JSONDecodeError as e:
+        raise _NotJSON(e) from None
+    except RecursionError:
+        raise SpecError([("", f"{where}: JSON nested too deeply (at most {MAX_DEPTH} levels)")]) from None
+    except ValueError:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        limit = sys.get_int_max_str_digits()
+        m = re.search(r"\d{%d,}" % (limit + 1), text)
+        at = f" ({len(m.group()):,} digits at line {text.count(chr(10), 0, m.start()) + 1})" if m else ""
+        raise SpecError([("", f"{where}: integer literal too long{at}; at most {limit} digits")]) from None
+    if _depth(value) > MAX_DEPTH:
+        raise SpecError([("", f"{where}: JSON nested too deeply (at most {MAX_DEPTH} levels)")])
+    return value
+
+
+def _decode(data: bytes, p: Path) -> str:
+    """Spec bytes -> text: UTF-8 (a leading BOM is allowed); UTF-16/32 and binary files are refused, naming the file."""
+    if b"\x00" in data:
+        enc = json.detect_encoding(data)
+        kind = f"{enc.upper()} text" if enc != "utf-8" else "a binary file (it holds NUL bytes)"
+        raise SpecError([("", f"{p}: not UTF-8 JSON: looks like {kind}; save the spec as UTF-8")])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise SpecError([("", f"{p}:{line}:{col}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                              f"save the spec as UTF-8")]) from None
 
 
 def read_json(path: str | Path) -> dict:
+    """A spec file -> its raw JSON object; every fault (missing, unreadable, not UTF-8, not JSON, too deep, not an
+    object) is a one-line :class:`SpecError` naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise SpecError([("", f"spec file not found: {p}")])
+        raise SpecError([("", f"spec file not found: {p}" if not p.exists() else f"{p}: not a file")])
     try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+        size = p.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError([("", f"{p}: {size:,} bytes is too large for a spec (at most {MAX_SPEC_BYTES:,})")])
+        data = p.read_bytes()
+    except OSError as e:
+        raise SpecError([("", f"{p}: cannot read: {e.strerror or e}")]) from None
+    try:
+        raw = parse_json_text(_decode(data, p), str(p))
+    except _NotJSON as n:
+        e = n.e
         raise SpecError([("", f"{p}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}")]) from None
     if not isinstance(raw, dict):
         raise SpecError([("", f"{p}: the spec must be a JSON object")])

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from runtime.iofault import WRITE_ERRORS, UnusableDir, make_dir, named, write_fault
 from runtime.latents import (FORMAT_VERSION, MANIFEST, CacheMismatch, Shard, autoencoder_identity, is_latent_data,
                              measure_stats, mismatch_message, published_channel_stats, read_manifest, shard_plan,
                              write_json_atomic)
@@ -67,13 +68,17 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # like any other file the user writes
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # like any other file the user writes
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except WRITE_ERRORS as e:  # disk full, EFBIG: no partial shard is left behind
+        tmp.unlink(missing_ok=True)
+        raise named(e, path) from None
 
 
 def shard_complete(path: Path, count: int) -> bool:
@@ -196,7 +201,7 @@ def build_cache(spec: Any, out: Path | None = None, split: str = "train", shard_
         plan = shard_plan(n, shard_size, info.world_size)
         ok, err = True, ""
         if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
+            make_dir(out, "cache directory")
             old = read_manifest(out) if (out / MANIFEST).is_file() else None
             msg = mismatch_message(old, header, out) if old is not None else None
             if msg is not None:
@@ -261,8 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = build_cache(spec, args.out, args.split, args.shard_size, args.batch_size, args.stats, args.device,
                           progress=spec.log.progress)
-    except (CacheMismatch, ValueError, DataError, FileNotFoundError) as e:
+    except (CacheMismatch, ValueError, DataError, FileNotFoundError, UnusableDir) as e:
         return fail(str(e))
+    except WRITE_ERRORS as e:  # disk full, EFBIG, ... while encoding: the complete shards stay, rerun to go on
+        sys.stderr.write(f"error: IO fault: {write_fault(e, args.out or 'the cache directory')}\n")
+        return 1
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

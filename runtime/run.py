@@ -141,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             return fail([f"{run_dir}: cannot use it as the run directory ({e.strerror or e})"])
         if note:
             sys.stderr.write(f"note: {note}\n")
+    from runtime.iofault import WRITE_ERRORS, write_fault
+
     with lock:
-        return run(args, spec, run_dir)
+        try:
+            return run(args, spec, run_dir)
+        except WRITE_ERRORS as e:  # disk full, EFBIG, a directory made read-only mid-run: one line, the path
+            sys.stderr.write(f"error: IO fault: {write_fault(e, run_dir)}\n")
+            return 1
 
 
 def run(args: argparse.Namespace, spec, run_dir: Path) -> int:

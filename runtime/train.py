@@ -30,6 +30,7 @@ from runtime.checkpoint import CheckpointError, load_checkpoint, rng_state, save
 from runtime.compiler import Graph
 from runtime.data import build_loader, collate_pairs, restore_loader
 from runtime.media_out import Written, real_indices, write_clip_readings, write_samples
+from runtime.iofault import WRITE_ERRORS, write_fault
 from runtime.distributed import DistInfo, all_min, all_reduce_mean, barrier
 from runtime.latents import latent_health
 from runtime.optim import LearningRate, build_optimizer
@@ -159,7 +160,7 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
                 spec=resolved_dict(spec), meta=run_meta(graph, info), keep=tr.keep_checkpoints)
         barrier(info)
 
-    data = iter(loader)
+    data, skipped_before = iter(loader), skipped
     window: dict[str, torch.Tensor] = {}
     n_window, consecutive, t_window, last_logged = 0, 0, time.perf_counter(), start
     bar = tqdm(total=tr.steps, initial=start, disable=not (info.is_main and spec.log.progress), dynamic_ncols=True,
@@ -193,6 +194,8 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
             vals = {k: float(all_reduce_mean(v / max(n_window, 1), info)) for k, v in window.items()}
             vals.update(skipped_steps=skipped, steps_per_s=(done - last_logged) / dt,
                         samples_per_s=(done - last_logged) * tr.batch_size / dt)
+            if hasattr(dataset, "skipped_samples"):  # samples a bad media file could not give (on_error: skip)
+                vals["skipped_samples"] = dataset.skipped_samples
             tracker.scalars(done, vals)
             bar.set_postfix(loss=f"{vals.get('loss', float('nan')):.4f}", refresh=False)
             window, n_window, t_window, last_logged = {}, 0, time.perf_counter(), done
@@ -209,9 +212,18 @@ def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = Non
                 tracker.close()
                 raise TrainingStopped(f"stopped after step {done}: {e}; its checkpoint was not written; "
                                       f"{good_note(last_good)}") from None
-            checkpoint(done)
+            try:
+                checkpoint(done)
+            except WRITE_ERRORS as e:  # disk full, EFBIG, read-only: the earlier checkpoints are untouched
+                tracker.close()
+                raise TrainingStopped(f"stopped after step {done}: its checkpoint could not be written "
+                                      f"({write_fault(e, run_dir / 'checkpoints')}); {good_note(last_good)}") from None
             last_good = run_dir / "checkpoints" / f"step_{done:08d}"
     bar.close()
+    if tr.steps > start and skipped - skipped_before == tr.steps - start:
+        tracker.close()
+        raise TrainingStopped(f"all {tr.steps - start} steps of this run had a non-finite loss or gradient and were "
+                              f"skipped: nothing was learned (check train.lr and the data)")
     result: dict[str, Any] = {"steps": tr.steps, "skipped_steps": skipped}
     if evaluator is not None:
         print(preview_note(graph), flush=True)

@@ -3,7 +3,8 @@
 Layouts: a clip's frames are uint8 ``(T, H, W, C)``, C in {1, 3}; audio is float32 mono ``(L,)`` in [-1, 1].
 The model's video tensors are channel-first float ``(B, C, T, H, W)`` in [-1, 1]; :func:`to_uint8_video`
 converts them. Writers are atomic (a temporary name in the same folder, then ``os.replace``) and raise
-``ValueError`` on bad arrays; readers raise :class:`DataError` naming the file.
+``ValueError`` on bad arrays; readers raise :class:`DataError` naming the file, also for audio samples that
+are NaN or Inf and for a WAV whose header declares more samples than the file holds.
 
 Times are seconds from the start of the container (its earliest stream). AAC decoding pads the end of the
 audio to whole 1024-sample frames; readers trim decoded audio to the stream's duration. Audio is mixed down
@@ -29,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from zoo.data.errors import DataError
+from zoo.media_checks import nonfinite, wav_shortfall
 
 __all__ = ["MediaClip", "MediaInfo", "MIN_SHOWN_PX", "contact_sheet", "gif_bytes", "probe_media", "read_audio",
            "read_frames_at", "read_media", "shown_scale", "to_uint8_video", "write_gif", "write_mp4", "write_png",
@@ -264,8 +266,13 @@ def _stream_end(c, stream) -> float:
 
 
 def probe_media(path: str | os.PathLike) -> MediaInfo:
-    """Open ``path`` and read its first video and audio stream headers (no decoding). Raises DataError."""
+    """Open ``path`` and read its first video and audio stream headers (no decoding); a truncated WAV is
+    refused. Raises DataError."""
     with _open(path) as c:
+        if "wav" in c.format.name.split(","):
+            why = wav_shortfall(path)
+            if why:
+                raise DataError(f"{path}: {why}")
         info = MediaInfo(str(path), duration_s=(c.duration or 0) / 1e6)
         if c.streams.video:
             vs = c.streams.video[0]
@@ -328,7 +335,11 @@ def _decode_audio(path, start: float, end: float | None, sample_rate: int | None
         if a < 0:  # the track starts after `start`
             x, a = np.concatenate([np.zeros(-a, np.float32), x]), 0
         n = round((stop - start) * sr) if stop else len(x) - a
-        return np.ascontiguousarray(x[a:a + max(n, 0)], dtype=np.float32), sr
+        out = np.ascontiguousarray(x[a:a + max(n, 0)], dtype=np.float32)
+        why = nonfinite(out, start, sr)  # a float WAV can hold NaN or Inf: clamping would hide it
+        if why:
+            raise DataError(f"{path}: {why}")
+        return out, sr
     raise DataError(f"{path}: cannot decode the audio")  # not reached: the pass without seeking returns or raises
 
 

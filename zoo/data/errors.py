@@ -4,10 +4,12 @@
 * :func:`check_split` and :func:`check_index`: the ``split`` and ``index`` checks every dataset makes.
 * :class:`ClassFolderChecks`: what the class-folder datasets (``image_folder``, ``video_folder``,
   ``audio_folder``, ``av_folder``) share: scanning ``root/<class>/...`` and reporting bad files, either one
-  :class:`DataError` naming them or (skipping) one :class:`DataWarning` per file.
+  :class:`DataError` naming them or (skipping) one :class:`DataWarning` per file, and counting the samples
+  that another file stood in for (``skipped_samples``, shared with loader worker processes).
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import warnings
 from pathlib import Path
@@ -20,8 +22,14 @@ SPLITS = ("train", "eval")
 class DataError(Exception):
     """Data that cannot be used: a missing root, no class folders, a non-image or corrupt file.
 
-    The message always names the offending path.
+    The message always names the offending path. Raised in a data-loader worker, it reaches the main process
+    as ``DataError("Caught DataError in DataLoader worker ...<traceback>")``: only the original message is kept.
     """
+
+    def __init__(self, *args: Any):
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught DataError in DataLoader"):
+            args = (args[0].rsplit("DataError: ", 1)[-1].strip(),)
+        super().__init__(*args)
 
 
 class DataWarning(UserWarning):
@@ -83,6 +91,24 @@ class ClassFolderChecks:
         self.params, self.split = params, split
         self.root = Path(params.eval_root if split == "eval" and params.eval_root else params.root).expanduser()
         self.bad = {}
+        self._substituted = multiprocessing.Value("q", 0)  # shared memory: loader workers (forked) add to it
+
+    @property
+    def skipped_samples(self) -> int:
+        """Samples so far (in this process and its loader workers) whose own file was bad, so the next
+        file that loads stood in: logged as ``skipped_samples`` in the run's metrics."""
+        return int(self._substituted.value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if multiprocessing.context.get_spawning_popen() is None:  # a plain pickle, not a worker start: a copy
+            state["_substituted"] = self.skipped_samples
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if isinstance(self._substituted, int):
+            self._substituted = multiprocessing.Value("q", self._substituted)
 
     @property
     def _skip_bad(self) -> bool:
@@ -166,9 +192,13 @@ class ClassFolderChecks:
         """``(path, label)`` of sample ``index`` (in range: see :func:`check_index`), then of the next ones in
         order, wrapping around, passing over the files found bad so far: the loader tries each until one loads
         (deterministic). Raises DataError when none is left."""
-        n = len(self.samples)
+        n, counted = len(self.samples), False
         for k in range(n):
             path, label = self.samples[(index + k) % n]
             if path not in self.bad:
+                if k and not counted:  # the sample's own file is bad: counted once per sample drawn
+                    counted = True
+                    with self._substituted.get_lock():
+                        self._substituted.value += 1
                 yield path, label
         raise DataError(f"{self.tag}: no file under {str(self.root)!r} could be decoded")

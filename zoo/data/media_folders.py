@@ -25,7 +25,10 @@ Every file is probed when the dataset is built (the container opens, the wanted 
 least one window long), so bad files are found before training starts. Bad files are never skipped
 silently: with ``on_error="stop"`` a :class:`DataError` names them; with ``on_error="skip"`` each is
 reported once (a :class:`DataWarning` naming the file) and dropped; a file that fails to decode later makes
-sample ``i`` the next index whose file loads (deterministic). Hidden names ('.DS_Store') are ignored.
+sample ``i`` the next index whose file loads (deterministic), counted in ``skipped_samples`` (a metric of
+the run). A file fails to decode when FFmpeg cannot read it, when its audio holds NaN or Inf samples, and a
+WAV whose header declares more samples than the file holds is bad at the probe: a short file is zero-padded,
+a damaged one is not. Hidden names ('.DS_Store') are ignored.
 """
 from __future__ import annotations
 
