@@ -258,29 +258,29 @@ def test_selfflow_objective_runs_through_mmdit():
 # ------------------------------------------------------------------------------------- absolute positions
 def test_abs_pos_breaks_translation_invariance_that_rope_alone_has():
     """With RoPE alone, full attention sees only relative positions: shifting every coordinate by a constant
-    changes nothing. ``abs_pos`` adds a learned (N, D) table, so the same shift of the layout no longer hides
-    where a token sits (the frame edge, the clip start)."""
-    torch.manual_seed(0)
+    changes nothing, so no token can tell where the frame edge or the clip start is. ``abs_pos`` adds a learned
+    ``(N, D)`` table indexed by token, and the output depends on it."""
     layout = av_layout()
     shifted = TokenLayout(layout.segments, layout.coords + torch.tensor([0.5, 3.0, 3.0]))
     x, t, y = _inputs()
-    outs = {}
-    for abs_pos in (False, True):
-        for name, lay in (("base", layout), ("shifted", shifted)):
-            torch.manual_seed(1)
-            net = Mmdit(MmditParams(type="mmdit", preset="tiny", abs_pos=abs_pos), num_classes=3, token_dim=PA,
-                        grid=(NV + NA,), layout=lay).eval()
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
-                outs[abs_pos, name] = net(x, t, y).pred
-    assert outs[False, "base"].abs().mean() > 1e-3
-    torch.testing.assert_close(outs[False, "base"], outs[False, "shifted"], rtol=1e-4, atol=1e-5)
-    assert net.pos_embed is not None and tuple(net.pos_embed.shape) == (NV + NA, net.hidden)
-    # the table itself is what tells positions apart: permuting its rows changes the output
+
+    def build(lay: TokenLayout, abs_pos: bool) -> Mmdit:
+        torch.manual_seed(1)
+        net = Mmdit(MmditParams(type="mmdit", preset="tiny", abs_pos=abs_pos), num_classes=3, token_dim=PA,
+                    grid=(NV + NA,), layout=lay).eval()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+        return net
+
     with torch.no_grad():
+        base, moved = build(layout, False)(x, t, y).pred, build(shifted, False)(x, t, y).pred
+        assert base.abs().mean() > 1e-3
+        torch.testing.assert_close(base, moved, rtol=1e-4, atol=1e-5)
+        net = build(layout, True)
+        assert tuple(net.pos_embed.shape) == (NV + NA, net.hidden)
         before = net(x, t, y).pred
-        net.pos_embed.copy_(net.pos_embed.flip(0))
+        net.pos_embed.copy_(net.pos_embed.flip(0))   # the same table, rows given to other tokens
         after = net(x, t, y).pred
     assert (before - after).abs().max() > 1e-2
     assert "pos_embed" in net.state_dict() and "pos_embed" not in _net().state_dict()
