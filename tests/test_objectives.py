@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pydantic
 import pytest
 import torch
 from hypothesis import given, settings
@@ -186,7 +187,7 @@ def test_params():
     assert all(f.description for f in FlowMatchingParams.model_fields.values())
     q = FlowMatchingParams.model_validate({"type": "flow_matching", "timesteps": {"type": "shifted", "shift": 2.0}})
     assert build_timesteps(q.timesteps).params.shift == 2.0
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="label_dropout"):
         FlowMatchingParams.model_validate({"type": "flow_matching", "label_dropout": 1.5})
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pydantic
 import pytest
 import torch
 from hypothesis import given, settings
@@ -135,9 +136,9 @@ def test_presets_and_default_base():
     p = ShiftedTimestepsParams.model_validate({"type": "shifted", "preset": "wan22_video"})
     assert p.shift == 2.95 and p.base.type == "logit_normal"
     assert ShiftedTimestepsParams(type="shifted", shift=2.0).base.type == "uniform"
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="shift"):
         ShiftedTimestepsParams.model_validate({"type": "shifted", "shift": 0.0})
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="nope"):
         ShiftedTimestepsParams.model_validate({"type": "shifted", "shift": 2.0, "base": {"type": "nope"}})
 
 

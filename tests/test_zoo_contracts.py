@@ -157,17 +157,25 @@ def test_backbone_contract(tag, tmp_path):
     torch.manual_seed(0)
     net = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=(4, 4), num_classes=3)
     assert isinstance(net, protocols.Backbone) and net.null_label == 3
+    # zero-initialised output layers (adaLN-Zero) would make every check below hold for any weights: perturb first
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     x, t, y = torch.randn(2, 16, 8), torch.rand(2), torch.tensor([0, 3])
     out = net(x, t, y, taps=(1, net.depth))
-    assert out.pred.shape == x.shape and torch.isfinite(out.pred).all()
+    assert out.pred.shape == x.shape and torch.isfinite(out.pred).all() and out.pred.abs().mean() > 1e-4
     assert set(out.features) == {1, net.depth} and out.features[1].shape == (2, 16, net.hidden)
     assert net(x, t, y, taps=(1,), stop_after=1).pred is None
-    out = net(x, t.view(2, 1).expand(2, 16), y)
+    out = net(x, t.view(2, 1).expand(2, 16), torch.tensor([0, 1]))   # labels 0, 1: no parameter may be unused
     out.pred.square().mean().backward()
-    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
     twin = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=(4, 4), num_classes=3)
     twin.load_state_dict(net.state_dict())
     assert torch.equal(twin(x, t, y).pred, net(x, t, y).pred)
+    fresh = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=(4, 4), num_classes=3)
+    assert not torch.equal(fresh(x, t, y).pred, net(x, t, y).pred)  # the twin check can tell weights apart
     assert net.flops(16) > 0
 
 
