@@ -1,7 +1,6 @@
 """The embedded audio+video dataset ``bouncing_digits_av``: shapes, ranges, determinism, ground truth."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pydantic
@@ -143,12 +142,3 @@ def test_bad_params_rejected_clearly(bad, match):
     with pytest.raises(pydantic.ValidationError, match=match):
         params(**bad)
 
-
-def test_render_time():
-    p = params()
-    render_clip(p, 0)
-    t = time.perf_counter()
-    for i in range(100):
-        render_clip(p, i)
-    ms = (time.perf_counter() - t) * 10
-    assert ms < 5.0, f"{ms:.2f} ms per clip"  # ~0.7 ms on one core
