@@ -98,7 +98,7 @@ def write_samples(samples: Any, labels: torch.Tensor | None, rates: dict[str, fl
     clip_dir = out_dir / name
     written = Written(sheet=out_dir / f"{name}.png", labels=labs)
     for i in range(_count(samples)):
-        stem = f"{i:03d}" + (f"_label{labs[i]}" if labs[i] is not None else "")
+        stem = clip_stem(i, labs[i])
         if vid_u8 is not None:
             written.mp4.append(media.write_mp4(clip_dir / f"{stem}.mp4", vid_u8[i], fps,
                                                audio=wav[i] if wav is not None else None, sample_rate=sr, scale=scale))
@@ -124,12 +124,17 @@ def write_samples(samples: Any, labels: torch.Tensor | None, rates: dict[str, fl
     return written
 
 
+def clip_stem(i: int, label: int | None) -> str:
+    """File stem of clip ``i``: ``007_label3`` (``007`` when unconditional)."""
+    return f"{i:03d}" + (f"_label{label}" if label is not None else "")
+
+
 def write_clip_readings(rows: list[dict[str, Any]], written: Written) -> Path:
     """Write per-clip readings (e.g. :func:`zoo.metrics.av.read_clips`, one dict per clip, in order) as
     ``<clip_dir>/clips.json``: ``{"clips": [{"file": "000_label0", "label": 0, **reading}, ...]}``. Returns it."""
     if len(rows) != len(written.labels):
         raise ValueError(f"write_clip_readings: {len(rows)} readings for {len(written.labels)} clips")
-    clips = [{"file": f"{i:03d}" + (f"_label{lab}" if lab is not None else ""), "label": lab, **row}
+    clips = [{"file": clip_stem(i, lab), "label": lab, **row}
              for i, (lab, row) in enumerate(zip(written.labels, rows))]
     path = written.clip_dir / "clips.json"
     path.parent.mkdir(parents=True, exist_ok=True)

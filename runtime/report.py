@@ -83,15 +83,15 @@ def run_facts(run_dir: Path, spec: dict[str, Any], rows: list[dict[str, Any]]) -
     """Facts shown at the top of the page, as display strings (``"—"`` when the run recorded nothing)."""
     facts = _read_json(run_dir / "run_facts.json") or {}
     ck = _latest([p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()])
-    meta = _read_json(ck / "meta.json") if ck is not None else None
+    meta = (_read_json(ck / "meta.json") if ck is not None else None) or {}
     tr = spec.get("train", {})
     when = facts.get("finished")
     if when is None and (run_dir / "metrics.jsonl").is_file():
         when = datetime.fromtimestamp((run_dir / "metrics.jsonl").stat().st_mtime).astimezone().isoformat(
             timespec="seconds")
-    device = facts.get("device_name") or (meta or {}).get("device")
-    if device and facts.get("world_size", (meta or {}).get("world_size", 1)) > 1:
-        device += f" x {facts.get('world_size', (meta or {}).get('world_size'))}"
+    device, world = facts.get("device_name") or meta.get("device"), facts.get("world_size", meta.get("world_size", 1))
+    if device and world > 1:
+        device += f" x {world}"
     last = max((r["step"] for r in rows if "loss" in r), default=None)
     steps = facts.get("steps", last)
     wall = facts.get("wall_s_total", facts.get("wall_s"))

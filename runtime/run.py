@@ -80,6 +80,7 @@ def write_run_facts(run_dir: Path, graph, info, started: float, finished: float,
     import torch
 
     from runtime.compiler import count_params
+    from runtime.latents import write_json_atomic
 
     path = run_dir / "run_facts.json"
     earlier = 0.0
@@ -99,9 +100,7 @@ def write_run_facts(run_dir: Path, graph, info, started: float, finished: float,
         "trainable_parameters": count_params(graph.train_module, trainable_only=True),
         "steps": result["steps"], "skipped_steps": result["skipped_steps"], "resumed_from": resumed_from,
     }
-    tmp = path.with_name(".run_facts.json.tmp")
-    tmp.write_text(json.dumps(facts, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, facts)
     return path
 
 

@@ -83,12 +83,16 @@ class Stepper:
         raise BadUpdate(f"the update made a weight {what}; check train.lr ({self.graph.spec.train.lr:g}) and "
                         f"train.weight_decay ({self.graph.spec.train.weight_decay:g})")
 
+    def _weights_ok(self) -> torch.Tensor:
+        """0-d bool on the device: the last applied update left max |w| within the limit (True before any)."""
+        if self.w_max is None:
+            return torch.ones((), dtype=torch.bool, device=self.graph.device)
+        return self.w_max <= self.limit
+
     def check_weights(self) -> None:
         """Read the pending weight check (one host sync); :class:`BadUpdate` if the last update was bad."""
-        if self.w_max is not None:
-            flag = all_min(torch.stack([self.w_max <= self.limit]).float(), self.info)
-            if not bool(flag[0]):
-                self._raise_bad(float(self.w_max))
+        if self.w_max is not None and not bool(all_min(self._weights_ok()[None].float(), self.info)[0]):
+            self._raise_bad(float(self.w_max))
 
     def step(self, step: int, batches: list) -> tuple[bool, dict[str, torch.Tensor]]:
         """One optimizer step over ``batches``: ``grad_accum`` data pairs ``(x, y)``, or ready
@@ -113,8 +117,8 @@ class Stepper:
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / self.accum
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         # one host sync per step: every rank must agree before anything is touched
-        w_ok = self.w_max <= self.limit if self.w_max is not None else torch.ones((), dtype=torch.bool, device=g.device)
-        flags = all_min(torch.stack([torch.isfinite(norm), torch.isfinite(sums["loss"]), w_ok]).float(), info).tolist()
+        flags = all_min(torch.stack([torch.isfinite(norm), torch.isfinite(sums["loss"]), self._weights_ok()]).float(),
+                        info).tolist()
         if not flags[2]:
             self.opt.zero_grad(set_to_none=True)
             self._raise_bad(float(self.w_max))
