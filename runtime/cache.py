@@ -2,7 +2,7 @@
 [--stats measured|autoencoder] [--set KEY=VALUE]...``
 
 Encodes the spec's dataset once with the spec's (frozen) autoencoder into a latent cache (see
-:mod:`runtime.latents`): raw posterior moments in ``shard_{rank:02d}_{index:05d}.safetensors`` plus
+:mod:`storage.latent_cache`): raw posterior moments in ``shard_{rank:02d}_{index:05d}.safetensors`` plus
 ``manifest.json`` with the autoencoder's identity, the data, the shards and per-channel statistics.
 
 What is encoded and where: when ``data`` is ``latent_shards``, its ``source`` is encoded into ``data.path``
@@ -12,7 +12,7 @@ encoded into ``runs/<spec name>/cache_<split>``. ``--out`` overrides either.
 Safe to interrupt: every shard is written under a temporary name and renamed; the same command skips the
 shards already complete on disk and never duplicates a sample. A directory holding a cache made with another
 autoencoder or other data is refused (the message shows both). Under ``torchrun`` every rank encodes its own
-shards (:func:`runtime.latents.shard_plan`); rank 0 then measures the statistics and writes the manifest.
+shards (:func:`storage.latent_cache.shard_plan`); rank 0 then measures the statistics and writes the manifest.
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ import torch
 from tqdm import tqdm
 
 from runtime.iofault import WRITE_ERRORS, UnusableDir, make_dir, named, write_fault
-from runtime.latents import (FORMAT_VERSION, MANIFEST, CacheMismatch, Shard, autoencoder_identity, is_latent_data,
-                             measure_stats, mismatch_message, published_channel_stats, read_manifest, shard_plan,
-                             write_json_atomic)
+from runtime.latents import is_latent_data, published_channel_stats
+from storage.files import write_json_atomic
+from storage.latent_cache import (FORMAT_VERSION, MANIFEST, CacheMismatch, Shard, autoencoder_identity, measure_stats,
+                                  mismatch_message, read_manifest, shard_plan)
 
 EXIT_SPEC = 2
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from registry.kinds import AUTOENCODERS, BACKBONES, MODALITIES, OBJECTIVES, SOLVERS, TEACHERS
-from runtime.latents import CacheMismatch, autoencoder_identity, describe_identity, is_latent_data, stats_tensors
+from runtime.latents import is_latent_data
+from storage.latent_cache import CacheMismatch, autoencoder_identity, describe_identity, stats_tensors
 from runtime.optim import EMA
 from zoo.autoencoders.base import decode_raw
 from zoo.core.types import LossOut, StepContext, TokenBatch
@@ -174,9 +175,9 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
 
 
 def check_latent_cache(spec: Any, autoencoder: nn.Module, latent_shape: Any) -> Any:
-    """The cache's normalisation as tensors (:func:`runtime.latents.stats_tensors`), after checking that the
+    """The cache's normalisation as tensors (:func:`storage.latent_cache.stats_tensors`), after checking that the
     cache was made by THIS autoencoder (type, params, weights hash) with this latent shape. Raises
-    :class:`runtime.latents.CacheMismatch` (a ValueError naming both) or FileNotFoundError (no cache)."""
+    :class:`storage.latent_cache.CacheMismatch` (a ValueError naming both) or FileNotFoundError (no cache)."""
     from zoo.data.latent_shards import stats_body
 
     m = spec.data.manifest("train")
@@ -210,13 +211,13 @@ def graph_from_checkpoint(path: Any, device: torch.device, edit: Any = None) -> 
     """A checkpoint directory or a run directory (its newest checkpoint) -> (graph with the saved weights,
     checkpoint, weights only: nothing but safetensors and JSON is read). ``edit(raw_spec)`` may change the saved
     spec before validation (e.g. another solver). The checkpoint is verified first. Raises FileNotFoundError,
-    :class:`runtime.checkpoint.CheckpointError` or SpecError with a message for the user."""
+    :class:`storage.checkpoint.CheckpointError` or SpecError with a message for the user."""
     import json
     from pathlib import Path
 
     from registry.plugins import load_plugins
     from registry.spec import validate
-    from runtime.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+    from storage.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 
     import sys
 

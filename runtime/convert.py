@@ -12,7 +12,7 @@ which is the one non-tensor class allowed) or a ``.safetensors`` file. ``--weigh
 official loaders pick: ``ema`` for SiT/REPA, ``model`` (then ``state_dict``) for Self-Flow, else the other
 entry, else the file itself; a ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix is removed.
 
-Writes ``DIR/checkpoints/step_XXXXXXXX/`` (:func:`runtime.checkpoint.save_checkpoint`: ``model.safetensors``
+Writes ``DIR/checkpoints/step_XXXXXXXX/`` (:func:`storage.checkpoint.save_checkpoint`: ``model.safetensors``
 with ``backbone.*`` / ``objective.*`` keys, ``ema.safetensors`` = the same backbone weights, an empty
 optimizer state, ``spec.resolved.json``, ``meta.json`` with the provenance), plus ``DIR/spec.resolved.json``
 and ``DIR/conversion.json``. ``python -m runtime.sample DIR`` then samples from it. The directory is for
@@ -322,12 +322,10 @@ def build_spec(arch: SourceArch, fmt: str, *, base_spec: str | Path | dict | Non
                notes: list[str] | None = None) -> Any:
     """The validated spec of the converted run (see the module docstring); remarks go to ``notes``."""
     import zoo  # noqa: F401  (built-ins)
-    import zoo.backbones.converted  # noqa: F401  (sit_time_flip, in case zoo does not list it yet)
     from registry.errors import SpecError
     from registry.kinds import DATASETS
-    from registry.spec import parse_set, rebuild, set_path, validate
+    from registry.spec import parse_set, set_path, validate
 
-    rebuild()
     if num_classes is not None and num_classes != arch.num_classes:
         raise ConversionError(
             f"--num-classes {num_classes}: the label table has {arch.label_rows} rows, i.e. {arch.num_classes} "
@@ -529,7 +527,7 @@ def write_run(plan: ConversionPlan, out_dir: str | Path, *, step: int = 0, meta:
               force: bool = False) -> Path:
     """Write the run directory; returns the checkpoint directory."""
     from registry.spec import resolved_dict
-    from runtime.checkpoint import list_checkpoints, save_checkpoint
+    from storage.checkpoint import list_checkpoints, save_checkpoint
 
     out_dir = Path(out_dir)
     if list_checkpoints(out_dir / "checkpoints") and not force:

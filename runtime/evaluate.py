@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import zoo  # noqa: F401
     from registry.errors import SpecError
-    from runtime.checkpoint import CheckpointError
+    from storage.checkpoint import CheckpointError
     from runtime.compiler import graph_from_checkpoint
     from runtime.distributed import pick_device
     from runtime.tracking import show_zoo_log

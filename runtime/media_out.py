@@ -17,9 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from runtime.sample import grid_image, save_png
-
+from PIL import Image
 
 GIF_MAX_WIDTH = 1160
 """The tiled GIF preview wraps its clips into balanced rows no wider than this (pixels, after upscaling)."""
@@ -40,6 +38,35 @@ class Written:
     def clip_dir(self) -> Path:
         """The folder of the per-clip files (``<out_dir>/<name>/``)."""
         return self.sheet.with_suffix("")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(B, C, H, W)`` in [-1, 1] -> uint8 ``(B, H, W, C)`` (C = 1 or 3)."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def grid_image(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
+    """Contact sheet, uint8 ``(H', W', 3)``."""
+    imgs = to_uint8(images)
+    if imgs.shape[-1] == 1:
+        imgs = np.repeat(imgs, 3, axis=-1)
+    b, h, w, _ = imgs.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / nrow)
+    sheet = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        sheet[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    if scale > 1:
+        sheet = sheet.repeat(scale, 0).repeat(scale, 1)
+    return sheet
+
+
+def save_png(arr: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
 
 
 def streams_of(samples: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:

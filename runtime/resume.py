@@ -3,7 +3,7 @@
 :func:`plan` returns a :class:`Plan` (the checkpoint directory, its step, lines to print) or None (a fresh
 start), or raises :class:`Refused` with the lines to print (exit 2). A checkpoint can be resumed when
 
-1. it verifies (:func:`runtime.checkpoint.verify_checkpoint`: manifest, sizes, SHA-256, headers, JSON);
+1. it verifies (:func:`storage.checkpoint.verify_checkpoint`: manifest, sizes, SHA-256, headers, JSON);
 2. its resolved spec can continue as the new one (:func:`spec_changes`): a change of what the weights, the
    data order or the noise depend on is refused with the JSON paths; cadence, length and optimizer
    hyper-parameters (:data:`RESUMABLE`) go through with a note; a new batch size only if the saved data
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from registry.spec import resolved_dict
-from runtime import safe_state
-from runtime.checkpoint import CheckpointError, _legacy, _read_json, _step_dirs, verify_checkpoint
+from storage import safe_state
+from storage.checkpoint import CheckpointError, _legacy, _read_json, _step_dirs, verify_checkpoint
 
 RESUMABLE = ("name", "train.steps", "train.lr", "train.warmup_steps", "train.lr_schedule", "train.grad_clip",
              "train.betas", "train.weight_decay", "train.eps", "train.precision", "train.device", "train.compile",

@@ -80,7 +80,7 @@ def write_run_facts(run_dir: Path, graph, info, started: float, finished: float,
     import torch
 
     from runtime.compiler import count_params
-    from runtime.latents import write_json_atomic
+    from storage.files import write_json_atomic
 
     path = run_dir / "run_facts.json"
     earlier = 0.0
@@ -154,9 +154,9 @@ def run(args: argparse.Namespace, spec, run_dir: Path) -> int:
     """Everything after the spec is valid and the run directory is locked."""
     from registry.spec import resolved_dict
     from runtime import distributed
-    from runtime.checkpoint import CheckpointError
+    from storage.checkpoint import CheckpointError
     from runtime.compiler import compile_spec
-    from runtime.latents import CacheMismatch
+    from storage.latent_cache import CacheMismatch
     from runtime.resume import Refused, plan
     from runtime.train import TrainingStopped, train
     from zoo.data.errors import DataError

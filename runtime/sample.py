@@ -4,14 +4,11 @@ which needs nothing but the checkpoint (its ``spec.resolved.json`` and weights).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from zoo.solvers.guidance import guided
 
@@ -58,35 +55,6 @@ def generate(graph: Any, n: int, labels: torch.Tensor | None, *, solver: Any = N
     if isinstance(out[0], dict):
         return {k: torch.cat([o[k] for o in out]) for k in out[0]}
     return torch.cat(out)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``(B, C, H, W)`` in [-1, 1] -> uint8 ``(B, H, W, C)`` (C = 1 or 3)."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
-
-
-def grid_image(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
-    """Contact sheet, uint8 ``(H', W', 3)``."""
-    imgs = to_uint8(images)
-    if imgs.shape[-1] == 1:
-        imgs = np.repeat(imgs, 3, axis=-1)
-    b, h, w, _ = imgs.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / nrow)
-    sheet = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
-    for i, im in enumerate(imgs):
-        r, c = divmod(i, nrow)
-        sheet[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
-    if scale > 1:
-        sheet = sheet.repeat(scale, 0).repeat(scale, 1)
-    return sheet
-
-
-def save_png(arr: np.ndarray, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -139,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import zoo  # noqa: F401
     from registry.errors import SpecError
-    from runtime.checkpoint import CheckpointError
+    from storage.checkpoint import CheckpointError
     from runtime.compiler import graph_from_checkpoint
     from runtime.distributed import pick_device
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from registry.kinds import DATASETS, METRICS
 from registry.spec import resolved_dict
-from runtime.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from storage.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from runtime.compiler import Graph
 from runtime.data import build_loader, collate_pairs, restore_loader
 from runtime.media_out import Written, real_indices, write_clip_readings, write_samples
@@ -250,7 +250,7 @@ def good_note(last_good: Path | None) -> str:
 def restore(graph: Graph, stepper: Stepper, loader: Any, resume: Path, info: DistInfo) -> tuple[int, int]:
     """Load the checkpoint ``resume`` into the model, EMA, optimizer, loader and RNGs; returns (step, skipped).
     The spec's AdamW hyper-parameters replace the saved ones (a resume may change them).
-    :class:`runtime.checkpoint.CheckpointError` if anything in it does not fit."""
+    :class:`storage.checkpoint.CheckpointError` if anything in it does not fit."""
     tr = graph.spec.train
     ck = load_checkpoint(resume, map_location=graph.device)
     try:

@@ -21,7 +21,8 @@ from registry.kinds import AUTOENCODERS, DATASETS
 from registry.spec import validate
 from runtime.cache import build_cache
 from runtime.compiler import compile_spec
-from runtime.latents import CacheMismatch, autoencoder_identity, latent_health, shard_plan
+from runtime.latents import latent_health
+from storage.latent_cache import CacheMismatch, autoencoder_identity, shard_plan
 from tests.helpers import tiny_spec_dict
 from zoo.autoencoders.base import decode_raw, moments
 from zoo.autoencoders.identity import IdentityAutoencoderParams

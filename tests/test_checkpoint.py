@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from runtime import checkpoint as ckpt
-from runtime.checkpoint import (
+from storage import checkpoint as ckpt
+from storage.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import safe_state
-from runtime.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+from storage import safe_state
+from storage.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                                 save_checkpoint, verify_checkpoint)
 from tests.test_checkpoint import _save, _trained
 
@@ -139,7 +139,7 @@ def test_rotation_never_deletes_because_of_a_checkpoint_that_does_not_verify(tmp
 
 
 def test_a_save_that_does_not_verify_is_never_installed(tmp_path, monkeypatch):
-    from runtime import checkpoint as ckpt
+    from storage import checkpoint as ckpt
 
     prev = _save(tmp_path, 1)
     real = ckpt.verify_checkpoint

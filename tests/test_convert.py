@@ -18,16 +18,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import zoo  # noqa: F401
-import zoo.backbones.converted  # noqa: F401  (registers sit_time_flip even before zoo lists it)
 from registry.kinds import BACKBONES, OBJECTIVES
-from registry.spec import rebuild, validate
+from registry.spec import validate
 from runtime import convert as cv
-from runtime.checkpoint import load_checkpoint
+from storage.checkpoint import load_checkpoint
 from runtime.compiler import compile_spec
 from zoo.core.params import data_space
 from tests.helpers import tiny_spec_dict
 
-rebuild()
 
 D, DEPTH, HEADS, P, C, S, K = 64, 2, 4, 2, 4, 8, 5      # hidden, depth, heads, patch, latent C, latent side, classes
 N = (S // P) ** 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -41,6 +42,22 @@ def test_readme_example_registers_a_working_solver():
                  .solve(v, x1) - (mu + s * x1)).abs().max().item() for n in (8, 16)]
         assert errs[1] < errs[0] / 3.0  # ~4x smaller per halving for a 2nd-order method
     finally:
+        SOLVERS._entries.pop("midpoint", None)
+        SOLVERS._sources.pop("midpoint", None)
+        rebuild()
+
+
+def test_readme_example_as_one_new_file_is_found(tmp_path):
+    """Inside the repository the example is one new module under ``zoo/``: ``zoo.load_builtins`` finds it on disk
+    (here a folder added to the package's path stands in for a new file in ``zoo/``)."""
+    (tmp_path / "midpoint_example.py").write_text(_example())
+    zoo.__path__.append(str(tmp_path))
+    try:
+        assert "zoo.midpoint_example" in zoo.load_builtins()
+        assert validate(tiny_spec_dict(solver={"type": "midpoint", "steps": 3})).solver.steps == 3
+    finally:
+        zoo.__path__.remove(str(tmp_path))
+        sys.modules.pop("zoo.midpoint_example", None)
         SOLVERS._entries.pop("midpoint", None)
         SOLVERS._sources.pop("midpoint", None)
         rebuild()

@@ -14,12 +14,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import zoo  # noqa: F401
-import zoo.objectives.repa  # noqa: F401  (registered by zoo/__init__ once listed there; harmless twice)
-import zoo.teachers.digit_classifier  # noqa: F401
-import zoo.teachers.efficientnet  # noqa: F401
-import zoo.teachers.vit  # noqa: F401
 from registry.errors import SpecError
-from registry.spec import load_spec, rebuild, validate
+from registry.spec import load_spec, validate
 from runtime import run as run_cli
 from runtime.compiler import compile_spec
 from runtime.tracking import read_jsonl
@@ -30,7 +26,6 @@ from zoo.objectives.repa import REPA, REPAParams, match_grid
 from zoo.teachers.common import WeightsMismatch
 from zoo.teachers.vit import ViTTeacher, ViTTeacherParams
 
-rebuild()
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -21,7 +21,7 @@ from runtime import cache as cache_cli
 from runtime import evaluate as evaluate_cli
 from runtime import run as run_cli
 from runtime import sample as sample_cli
-from runtime.checkpoint import verify_checkpoint
+from storage.checkpoint import verify_checkpoint
 from runtime.resume import Refused, plan
 from runtime.rundir import RunLock
 from tests.helpers import tiny_spec_dict
@@ -211,7 +211,7 @@ def test_a_second_process_in_a_run_directory_in_use_exits_2_naming_the_holder(ba
 
 _DIE_IN_SAVE = """
 import os, signal, sys
-import runtime.checkpoint as c
+import storage.checkpoint as c
 orig = c._write_state
 def dying(tmp, name, obj):  # kill -9 halfway through writing checkpoint 3 (weights written, state not)
     if name == "state" and "step_00000003" in str(tmp):

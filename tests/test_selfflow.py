@@ -12,11 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import zoo  # noqa: F401  (registers the built-ins)
-import zoo.objectives.masks  # noqa: F401  (no-ops once zoo/__init__.py lists them)
-import zoo.objectives.selfflow  # noqa: F401
 from registry.errors import SpecError
 from registry.kinds import MASKS, OBJECTIVES
-from registry.spec import load_spec, rebuild, resolved_dict, validate
+from registry.spec import load_spec, resolved_dict, validate
 from tests.helpers import SPECS, load_raw
 from zoo.backbones.sit import SiT, SiTParams
 from zoo.core.protocols import Objective, TokenMask
@@ -24,8 +22,6 @@ from zoo.core.types import BackboneOut, StepContext, StepRNG, TokenBatch
 from zoo.objectives.masks import mask_count
 from zoo.objectives.selfflow import SelfFlow, SelfFlowParams, default_blocks
 from zoo.objectives.timesteps import build_timesteps
-
-rebuild()  # the spec model must see the mask and selfflow entries (redundant once zoo/__init__.py lists them)
 
 P, NCLS, GRID = 8, 3, (4, 4)
 N = GRID[0] * GRID[1]

@@ -1,47 +1,23 @@
-"""The zoo: built-in components. Importing this package registers every built-in entry (the explicit
-list below, so a reader can grep where a tag comes from) and builds the spec model."""
+"""The zoo: built-in components. Importing this package imports every module below it, found on disk (so a new
+entry inside the repository is one new file under ``zoo/``), and builds the spec model. Third-party packages
+register theirs through the ``fmzoo.plugins`` entry points (:mod:`registry.plugins`)."""
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
-_BUILTINS = [
-    "zoo.layers.attention",
-    "zoo.layers.positions",
-    "zoo.objectives.timesteps",
-    "zoo.objectives.flow_matching",
-    "zoo.objectives.masks",
-    "zoo.objectives.selfflow",
-    "zoo.objectives.repa",
-    "zoo.objectives.autoencoder",
-    "zoo.teachers.vit",
-    "zoo.teachers.efficientnet",
-    "zoo.teachers.digit_classifier",
-    "zoo.backbones.sit",
-    "zoo.backbones.converted",
-    "zoo.backbones.mmdit",
-    "zoo.autoencoders.identity",
-    "zoo.autoencoders.audio",
-    "zoo.autoencoders.streams",
-    "zoo.autoencoders.diffusers_ae",
-    "zoo.autoencoders.conv_vae",
-    "zoo.modalities.image",
-    "zoo.modalities.media",
-    "zoo.data.digits",
-    "zoo.data.image_folder",
-    "zoo.data.bouncing_av",
-    "zoo.data.media_folders",
-    "zoo.data.latent_shards",
-    "zoo.solvers.ode",
-    "zoo.solvers.sde",
-    "zoo.metrics.classifier",
-    "zoo.metrics.linear_probe",
-    "zoo.metrics.av",
-    "zoo.lr_schedules",
-]
+from registry.model import rebuild
 
-for _m in _BUILTINS:
-    importlib.import_module(_m)
 
-from registry.spec import rebuild as _rebuild  # noqa: E402
+def load_builtins() -> list[str]:
+    """Import every module of this package (sorted by name; importing one twice is a no-op) and rebuild the spec
+    model; returns the module names."""
+    names = sorted(m.name for m in pkgutil.walk_packages(__path__, prefix=f"{__name__}."))
+    for name in names:
+        importlib.import_module(name)
+    rebuild()
+    return names
 
-_rebuild()
+
+BUILTINS = load_builtins()
+"""The modules :func:`load_builtins` found when the package was first imported."""

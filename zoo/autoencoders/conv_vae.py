@@ -39,6 +39,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor, nn
 
 from registry.kinds import AUTOENCODERS, BACKBONES
+from storage.checkpoint import find_checkpoint, load_weights, step_of
+from storage.files import write_json_atomic
 from zoo.core.params import ZooParams
 from zoo.core.types import BackboneOut
 
@@ -302,8 +304,6 @@ def _run_info(ck_dir: str, mtime_ns: int) -> tuple[dict, Any, tuple[int, ...]]:
 
 def run_info(run: str) -> tuple[Path, dict, Any, tuple[int, ...]]:
     """``(checkpoint dir, raw spec, backbone params, sample shape)``; FileNotFoundError / ValueError."""
-    from runtime.checkpoint import find_checkpoint
-
     ck = find_checkpoint(Path(run))
     return (ck, *_run_info(str(ck), (ck / "spec.resolved.json").stat().st_mtime_ns))
 
@@ -376,8 +376,6 @@ class _VAEAutoencoder(nn.Module):
 
     def __init__(self, params: _VAEAutoencoderParams):
         super().__init__()
-        from runtime.checkpoint import load_weights
-
         ck, raw, bp, shape = run_info(params.run)
         self.params, self.checkpoint = params, ck
         f, d = bp.downsample, bp.dims
@@ -436,9 +434,7 @@ class _VAEAutoencoder(nn.Module):
 
 
 def _step(ck: Path) -> int:
-    from runtime.checkpoint import _step_of  # the checkpoint directory naming lives there
-
-    s = _step_of(ck)
+    s = step_of(ck)
     return int(s) if s is not None else -1
 
 
@@ -467,8 +463,6 @@ def compute_latent_stats(net: nn.Module, raw_spec: dict, n: int, batch: int = 25
 def _atomic_write(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON through a temporary file in the same directory (no torn reads); a read-only
     checkpoint directory is left alone (the statistics are then recomputed when next needed)."""
-    from runtime.latents import write_json_atomic
-
     try:
         write_json_atomic(path, obj)
     except OSError:

@@ -1,4 +1,4 @@
-"""``latent_shards``: a latent cache written by ``python -m runtime.cache SPEC`` (see :mod:`runtime.latents`).
+"""``latent_shards``: a latent cache written by ``python -m runtime.cache SPEC`` (see :mod:`storage.latent_cache`).
 
 Items are ``(z, label)`` with ``z = (m - stats.mean) / stats.std`` per channel (``(C, ...)`` float32, a dict by
 stream for multi-stream data), ``m`` the stored posterior mean or, with ``sample_posterior``, the draw
@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from registry.kinds import DATASETS
-from runtime.latents import MANIFEST, read_manifest, stats_tensors
+from storage.latent_cache import MANIFEST, read_manifest, stats_tensors, strip_location
 from zoo.core.params import ZooParams
 from zoo.data.errors import DataError, check_split
 
@@ -131,7 +131,7 @@ class LatentShardsParams(ZooParams):
         return self.manifest()["stats"]
 
     def latent_identity(self) -> dict[str, Any]:
-        """The identity of the autoencoder that made the cache (:func:`runtime.latents.autoencoder_identity`)."""
+        """The identity of the autoencoder that made the cache (:func:`storage.latent_cache.autoencoder_identity`)."""
         return self.manifest()["identity"]
 
     def stream_rates(self) -> Any:
@@ -171,7 +171,6 @@ class LatentShardsParams(ZooParams):
             yield "autoencoder", (f"the cache at {self.path} holds latents of shape {m['latent_shape']}, the spec's "
                                   f"autoencoder gives {want}; re-cache with this autoencoder")
         ident = m.get("identity", {})
-        from runtime.latents import strip_location
 
         if ident.get("type") != spec.autoencoder.type or ident.get("params") != strip_location(
                 spec.autoencoder.model_dump(mode="json")):

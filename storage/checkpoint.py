@@ -4,7 +4,7 @@ Layout of one checkpoint (``root/step_{step:08d}/``, format 2)::
 
     model.safetensors      trainable weights (flat ``name -> Tensor``), metadata {"step": "<step>"}
     ema.safetensors        EMA weights, same format (only if an EMA was given)
-    optimizer.json         the optimizer state dict, each tensor replaced by a reference (:mod:`runtime.safe_state`)
+    optimizer.json         the optimizer state dict, each tensor replaced by a reference (:mod:`storage.safe_state`)
     optimizer.safetensors  those tensors (AdamW moments, step counts)
     state.json             the run state: step, skip counter, data-loader position, RNG states (Python's and
                            numpy's as integer lists), ...
@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime import safe_state
-from runtime.safe_state import rng_state, set_rng_state  # noqa: F401  (re-exported)
+from storage import safe_state
+from storage.safe_state import rng_state, set_rng_state  # noqa: F401  (re-exported)
 
 __all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_weights", "list_checkpoints",
            "latest_checkpoint", "scan_checkpoints", "verify_checkpoint", "find_checkpoint", "rng_state",
@@ -135,7 +135,7 @@ def _write_json(path: Path, obj: Any, *, strict: bool) -> None:
 
 
 def _write_state(tmp: Path, name: str, obj: Any) -> None:
-    """``name.json`` + ``name.safetensors`` (:func:`runtime.safe_state.split`); TypeError for unstorable values."""
+    """``name.json`` + ``name.safetensors`` (:func:`storage.safe_state.split`); TypeError for unstorable values."""
     doc, tensors = safe_state.split(obj)
     save_file(tensors, tmp / f"{name}.safetensors")
     _fsync_file(tmp / f"{name}.safetensors")
@@ -258,7 +258,8 @@ def rotate(root: Path, keep: int, protect: Path | None = None) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------- verification
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
+    """The step of a ``step_XXXXXXXX`` directory name, else None."""
     m = _STEP_RE.match(path.name)
     return int(m.group(1)) if m else None
 
@@ -268,7 +269,7 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(((s, p) for p in root.iterdir() if (s := _step_of(p)) is not None and p.is_dir()), reverse=True)
+    return sorted(((s, p) for p in root.iterdir() if (s := step_of(p)) is not None and p.is_dir()), reverse=True)
 
 
 def _read_json(path: Path) -> Any:
@@ -306,7 +307,7 @@ def verify_checkpoint(path: Path, *, step: int | None = None) -> dict[str, Any]:
         raise CheckpointError(path, "not a directory")
     man = _read_manifest(path)
     fmt, files = man["format"], man["files"]
-    want = step if step is not None else _step_of(path)
+    want = step if step is not None else step_of(path)
     if want is not None and man["step"] != want:
         raise CheckpointError(path / MANIFEST, f"records step {man['step']}, the directory is step {want}")
     for name in _REQUIRED[fmt]:
