@@ -7,6 +7,7 @@ every value explicit (and the preset name, for the record), so re-validating it 
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, ClassVar, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -50,9 +51,16 @@ class CheckedNumbers(BaseModel):
 
 
 class ZooParams(CheckedNumbers):
-    """Base params model: ``extra="forbid"``, frozen, every field described, numbers checked."""
+    """Base params model: ``extra="forbid"``, frozen, every field described, numbers checked.
+
+    Optional hooks are declared once, with their defaults, here and on the per-kind bases of
+    :mod:`zoo.core.params` (each lists its own in ``hooks``); the runtime calls them without probing. A subclass
+    attribute whose name is one letter or two off a declared hook (``problem``, ``stream_rate``) is a TypeError
+    when the class is defined, so a misspelt hook cannot silently fall back to the default.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    hooks: ClassVar[tuple[str, ...]] = ("problems", "resolve", "warnings")
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {}}
     field_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -63,6 +71,31 @@ class ZooParams(CheckedNumbers):
         default=None,
         description="Named preset whose values fill the fields not given explicitly (see `python -m registry list`).",
     )
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        declared = {h for k in cls.__mro__ for h in vars(k).get("hooks", ())}
+        for name in [*vars(cls), *vars(cls).get("__annotations__", {})]:
+            if name.startswith("_") or name in declared:
+                continue
+            near = difflib.get_close_matches(name, declared, n=1, cutoff=0.85)
+            if near:
+                raise TypeError(f"{cls.__name__}.{name}: not a hook of its kind; did you mean {near[0]!r}? "
+                                f"(declared: {', '.join(sorted(declared))})")
+
+    def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
+        """Spec rules this component checks across sections: ``(json_path, message)`` pairs (none by default)."""
+        return ()
+
+    def resolve(self, spec: Any) -> "ZooParams":
+        """These params with defaults that depend on other sections filled in (unchanged by default); the resolved
+        spec holds the result. A ValueError says why a value cannot be derived."""
+        return self
+
+    def warnings(self, spec: Any) -> Iterable[str]:
+        """Lines printed to stderr before the run starts: legal but doubtful settings (none by default)."""
+        return ()
 
     @model_validator(mode="before")
     @classmethod

@@ -64,7 +64,7 @@ def _known_fields(loc: tuple, raw: Any) -> tuple[list[str], dict[str, tuple[str,
     if isinstance(node, dict) and "type" in node:
         models = [c.Params for r in ALL.values() for t, c in r.items() if t == node["type"]]
         return (sorted({f for m in models for f in m.model_fields}),
-                {a: fs for m in models for a, fs in getattr(m, "field_aliases", {}).items()})
+                {a: fs for m in models for a, fs in m.field_aliases.items()})
     top = {"train": TrainSettings, "sample": SampleSettings, "eval": EvalSettings, "log": LogSettings}
     if len(loc) == 2 and loc[0] in top:
         return list(top[loc[0]].model_fields), {}
@@ -133,8 +133,7 @@ def cross_problems(spec: Any) -> list[tuple[str, str]]:
 
 
 def _component_problems(params: Any, spec: Any) -> Iterable[tuple[str, str]]:
-    fn = getattr(params, "problems", None)
-    return fn(spec) if fn is not None else ()
+    return params.problems(spec)
 
 
 @cache
@@ -154,7 +153,7 @@ def _stream_keyed(model: type[pydantic.BaseModel]) -> dict[str, StreamKeys]:
 
 def stream_key_problems(spec: Any) -> list[tuple[str, str]]:
     """Every key of a :class:`StreamKeys` dict, anywhere in the spec, names a modality stream of the run."""
-    names = tuple(getattr(spec.modality, "segment_names", ()))
+    names = tuple(spec.modality.segment_names)
     out: list[tuple[str, str]] = []
 
     def walk(node: Any, path: str) -> None:
@@ -293,15 +292,10 @@ RESOLVED_SECTIONS = ("modality", "data", "autoencoder", "backbone", "objective",
 
 def resolve_defaults(spec: Any) -> Any:
     """Fill defaults that depend on other sections (e.g. Self-Flow's tap blocks from the backbone depth): a
-    component's params may define ``resolve(spec) -> params``; the resolved spec then holds explicit values."""
-    updates: dict[str, Any] = {}
-    for section in RESOLVED_SECTIONS:
-        fn = getattr(getattr(spec, section), "resolve", None)
-        if fn is not None:
-            updates[section] = fn(spec)
-    if any(hasattr(t, "resolve") for t in spec.teachers.values()):
-        updates["teachers"] = {k: t.resolve(spec) if hasattr(t, "resolve") else t for k, t in spec.teachers.items()}
-    return spec.model_copy(update=updates) if updates else spec
+    component's params ``resolve(spec) -> params`` hook fills them; the resolved spec then holds explicit values."""
+    updates: dict[str, Any] = {section: getattr(spec, section).resolve(spec) for section in RESOLVED_SECTIONS}
+    updates["teachers"] = {k: t.resolve(spec) for k, t in spec.teachers.items()}
+    return spec.model_copy(update=updates)
 
 
 def clip_warmup(spec: Any) -> Any:

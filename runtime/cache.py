@@ -126,7 +126,6 @@ def encode_shards(ae: Any, dataset: Any, shards: list[Shard], out: Path, batch_s
     from torch.utils.data import DataLoader
 
     from runtime.data import collate_pairs
-    from zoo.autoencoders.base import moments
 
     todo = [s for s in shards if not shard_complete(out / s.file, s.count)]
     if not todo:
@@ -141,7 +140,7 @@ def encode_shards(ae: Any, dataset: Any, shards: list[Shard], out: Path, batch_s
         while sum(len(y) for y in labels) < s.count:
             x, y = next(it)
             with torch.no_grad():
-                m, lv = moments(ae, _to(x, device))
+                m, lv = ae.moments(_to(x, device))
             means.append(_cpu(m))
             logvars.append(_cpu(lv) if lv is not None else None)
             labels.append(y.to(torch.int64))
@@ -182,11 +181,10 @@ def build_cache(spec: Any, out: Path | None = None, split: str = "train", shard_
         dataset = DATASETS.build(data, split=split)
         n = len(dataset)
         from runtime.data import collate_pairs
-        from zoo.autoencoders.base import moments
 
         x0, _ = collate_pairs([dataset[0]])
         with torch.no_grad():
-            m0, lv0 = moments(ae, _to(x0, dev))
+            m0, lv0 = ae.moments(_to(x0, dev))
         input_shape = data.sample_shape()
         header = {
             "format": FORMAT_VERSION, "complete": False,
@@ -215,7 +213,7 @@ def build_cache(spec: Any, out: Path | None = None, split: str = "train", shard_
         for stale in out.glob(f".shard_{info.rank:02d}_*.tmp*"):  # left by a killed run
             stale.unlink(missing_ok=True)
         mine = [s for s in plan if s.rank == info.rank]
-        num_workers = int(getattr(data, "num_workers", 0))
+        num_workers = int(data.num_workers)
         encode_shards(ae, dataset, mine, out, batch_size, num_workers, dev, progress and info.is_main)
         distributed.barrier(info)
         if info.is_main:

@@ -17,7 +17,6 @@ from registry.kinds import AUTOENCODERS, BACKBONES, MODALITIES, OBJECTIVES, SOLV
 from runtime.latents import is_latent_data
 from storage.latent_cache import CacheMismatch, autoencoder_identity, describe_identity, stats_tensors
 from runtime.optim import EMA
-from zoo.autoencoders.base import decode_raw
 from zoo.core.types import LossOut, StepContext, TokenBatch
 from zoo.layers.attention import default_attention
 
@@ -74,7 +73,7 @@ class Graph:
         device (frozen encoder, no grad)."""
         x = tree_map(lambda v: v.to(self.device, non_blocking=True), x)
         y = y.to(self.device, non_blocking=True) if (y is not None and self.num_classes > 0) else None
-        needs_raw = bool(self.teachers) or getattr(self.train_module.objective, "needs_raw", False)
+        needs_raw = bool(self.teachers) or self.train_module.objective.needs_raw
         if self.latent_data:  # cached latents, already normalised with the manifest's statistics: no encoder
             z, raw = (x["latent"], x["raw"]) if self.spec.data.raw else (x, None)
             return TokenBatch(self.modality.to_tokens(tree_map(lambda v: v.float(), z)), y,
@@ -88,15 +87,14 @@ class Graph:
         Cached latents are un-normalised with the SAME manifest statistics, ``decode_raw(z * std + mean)``."""
         z = self.modality.from_tokens(tokens.float())
         if self.latent_data:
-            return decode_raw(self.autoencoder, denormalise(z, self.latent_stats, self.device))
+            return self.autoencoder.decode_raw(denormalise(z, self.latent_stats, self.device))
         return self.autoencoder.decode(z)
 
     def train_flops_per_sample(self) -> float:
         """Analytic training FLOPs per sample: 3 x the backbone forward (forward + backward) plus what the
-        objective adds (e.g. a teacher pass), when it says so through ``extra_forward_flops``."""
-        fwd = self.backbone.flops(self.num_tokens)
-        extra = getattr(self.train_module.objective, "extra_forward_flops", None)
-        return 3 * fwd + (extra(self.backbone, self.num_tokens) if extra else 0.0)
+        objective adds (e.g. a teacher pass: its ``extra_forward_flops``)."""
+        return 3 * self.backbone.flops(self.num_tokens) + self.train_module.objective.extra_forward_flops(
+            self.backbone, self.num_tokens)
 
 
 def denormalise(z: Any, stats: Any, device: torch.device) -> Any:
@@ -115,14 +113,10 @@ def tree_map(fn: Any, x: Any) -> Any:
 def time_steps(spec: Any) -> Any:
     """Seconds per latent time step, per stream (``{"video": 1 / fps, "audio": hop / sample_rate}``), from the
     data's ``stream_rates()`` and the autoencoder's ``time_stride``; None for data without a time axis."""
-    rates_fn = getattr(spec.data, "stream_rates", None)
-    if rates_fn is None:
+    rates, shape = spec.data.stream_rates(), spec.data.sample_shape()
+    if rates is None:  # images, or a latent cache of data without a time axis
         return None
-    rates, shape = rates_fn(), spec.data.sample_shape()
-    if rates is None:  # e.g. a latent cache of data without a time axis
-        return None
-    stride_fn = getattr(spec.autoencoder, "time_stride", None)
-    strides = stride_fn(shape) if stride_fn is not None else 1
+    strides = spec.autoencoder.time_stride(shape)
     out = {k: (strides.get(k, 1) if isinstance(strides, dict) else strides) / float(r) for k, r in rates.items()}
     return out if isinstance(shape, dict) else next(iter(out.values()))
 

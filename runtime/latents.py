@@ -11,14 +11,12 @@ from storage.latent_cache import leaves
 
 def published_channel_stats(ae: nn.Module, latent_shape: Any) -> dict[str, Any]:
     """The autoencoder's own ``(shift, 1/scale)`` as per-channel lists (per stream for dict latents)."""
-    from zoo.autoencoders.base import published_stats
-
     def expand(v: Any, c: int) -> list[float]:
         v = v.tolist() if isinstance(v, Tensor) else v
         return [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] * c
 
     def one(mod: nn.Module, shape: Any) -> dict[str, Any]:
-        m, s = published_stats(mod)
+        m, s = mod.published_stats()
         return {"mean": expand(m, shape[0]), "std": expand(s, shape[0])}
 
     if isinstance(latent_shape, dict):
@@ -30,7 +28,7 @@ def published_channel_stats(ae: nn.Module, latent_shape: Any) -> dict[str, Any]:
 
 def is_latent_data(data_params: Any) -> bool:
     """True when the data's samples are already (normalised) latents from a cache (``latent_shards``)."""
-    return callable(getattr(data_params, "latent_stats", None))
+    return bool(data_params.latent_cache)
 
 
 def latent_health(graph: Any, batch: Any) -> list[str]:

@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec, args.sets)
     except SpecError as e:
         return fail(e.lines())
-    for section in ("objective", "train", "backbone", "data"):  # advice that does not stop the run
-        for msg in getattr(getattr(spec, section), "warnings", lambda _s: ())(spec):
+    for section in ("objective", "backbone", "data"):  # advice that does not stop the run
+        for msg in getattr(spec, section).warnings(spec):
             sys.stderr.write(f"warning: {section}: {msg}\n")
     if args.dry_run:
         return dry_run(spec)

@@ -30,9 +30,9 @@ def generate(graph: Any, n: int, labels: torch.Tensor | None, *, solver: Any = N
     drawn on the CPU so it is device-independent."""
     from runtime.compiler import tree_map
 
-    own = getattr(graph.train_module.objective, "generate", None)
-    if own is not None:  # objectives that are not generative flows (autoencoder training: reconstructions)
-        return own(graph, n, labels, seed=seed, use_ema=use_ema)
+    objective = graph.train_module.objective
+    if objective.reconstructs:  # not a generative flow (autoencoder training): reconstructions of held-out data
+        return objective.reconstruct(graph, n, labels, use_ema=use_ema)
     net = graph.ema.module if (use_ema and graph.ema is not None) else graph.backbone
     was_training = net.training
     net.eval()
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or where / f"{ck_dir.name}_{spec.solver.type}_{graph.solver.nfe}nfe_cfg{cfg:g}.png"
     from runtime.media_out import write_samples
 
-    rates = getattr(spec.data, "stream_rates", lambda: None)()
+    rates = spec.data.stream_rates()
     written = write_samples(images, labels, rates, out.parent, out.stem, nrow=graph.num_classes or None)
     out = written.sheet if not written.mp4 and not written.wav else f"{written.sheet} and {out.parent / out.stem}/"
     print(f"{n} samples from {ck_dir} (step {ck.step}, {spec.solver.type}, {graph.solver.nfe} NFE, cfg {cfg:g}"

@@ -36,7 +36,6 @@ from runtime.latents import latent_health
 from runtime.optim import LearningRate, build_optimizer
 from runtime.sample import default_labels, generate
 from runtime.tracking import Tracker
-from zoo.core.params import data_space
 from zoo.core.types import StepContext, StepRNG, TokenBatch
 
 
@@ -274,14 +273,14 @@ def restore(graph: Graph, stepper: Stepper, loader: Any, resume: Path, info: Dis
 
 def _kind(spec: Any) -> str:
     """What one sample is, for messages: images, or clips (video, audio, both)."""
-    shape = data_space(spec.data).sample_shape()
+    shape = spec.data.data_space().sample_shape()
     return "images" if isinstance(shape, tuple) and len(shape) == 3 else "clips"
 
 
 def preview_note(graph: Graph) -> str:
     """``sampling 10 preview clips (euler, 25 NFE)...``: said before the end-of-run samples."""
     spec = graph.spec
-    if getattr(graph.train_module.objective, "generate", None) is not None:  # reconstructions, not a flow
+    if graph.train_module.objective.reconstructs:  # reconstructions, not a flow
         return f"writing {spec.sample.n} preview {_kind(spec)}..."
     return f"sampling {spec.sample.n} preview {_kind(spec)} ({spec.solver.type}, {graph.solver.nfe} NFE)..."
 
@@ -300,10 +299,10 @@ class Evaluator:
     def __init__(self, graph: Graph, run_dir: Path, tracker: Tracker | None):
         self.graph, self.run_dir, self.tracker = graph, run_dir, tracker
         spec = graph.spec
-        self.metrics = [METRICS.build(m, data_params=data_space(spec.data), device=graph.device)
+        self.metrics = [METRICS.build(m, data_params=spec.data.data_space(), device=graph.device)
                         for m in spec.eval.metrics]
-        self.on_samples = [m for m in self.metrics if not getattr(m, "uses_model", False)]
-        self.on_model = [m for m in self.metrics if getattr(m, "uses_model", False)]
+        self.on_samples = [m for m in self.metrics if not m.uses_model]
+        self.on_model = [m for m in self.metrics if m.uses_model]
 
     def _generate(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.graph.spec.sample
@@ -319,7 +318,7 @@ class Evaluator:
         ``bouncing_digits_av`` data, what the metrics read in each clip (``clips.json`` in both folders)."""
         s = self.graph.spec.sample
         samples, labels = self._generate(s.n, s.seed)
-        rates = getattr(self.graph.spec.data, "stream_rates", lambda: None)()
+        rates = self.graph.spec.data.stream_rates()
         nrow = min(self.graph.num_classes, s.n) or None
         written = write_samples(samples, labels, rates, self.run_dir / "samples", f"step_{step:08d}",
                                 nrow=nrow, tracker=self.tracker, step=step)
@@ -329,13 +328,13 @@ class Evaluator:
 
     def _real_clips(self, samples: Any, written: Written, nrow: int | None) -> None:
         """Real eval clips of ``written``'s labels to ``samples/real/``; per-clip readings beside both sets."""
-        data = data_space(self.graph.spec.data)
+        data = self.graph.spec.data.data_space()
         real = DATASETS.build(data, split="eval")
         idx = real_indices(real, written.labels)
         got = None
         if idx:
             x, y = collate_pairs([real[i] for i in idx])
-            rates = getattr(data, "stream_rates", lambda: None)()
+            rates = data.stream_rates()
             got = write_samples(x, y if written.labels[0] is not None else None, rates, self.run_dir / "samples",
                                 "real", nrow=nrow)
         if data.type == "bouncing_digits_av":
@@ -357,7 +356,7 @@ class Evaluator:
         for m in self.on_model:
             vals.update({f"eval/{k}": v for k, v in m.evaluate_model(self.graph).items()})
         if with_real and self.on_samples:  # a latent cache: the ceiling is measured on the data it encodes
-            real = DATASETS.build(data_space(self.graph.spec.data), split="eval")
+            real = DATASETS.build(self.graph.spec.data.data_space(), split="eval")
             x, y = collate_pairs([real[i] for i in range(min(n, len(real)))])
             for m in self.on_samples:
                 vals.update({f"real/{k}": v for k, v in m(x, y).items()})

@@ -24,7 +24,7 @@ from runtime.compiler import compile_spec
 from runtime.latents import latent_health
 from storage.latent_cache import CacheMismatch, autoencoder_identity, shard_plan
 from tests.helpers import tiny_spec_dict
-from zoo.autoencoders.base import decode_raw, moments
+from zoo.autoencoders.base import AutoencoderModule
 from zoo.autoencoders.identity import IdentityAutoencoderParams
 from zoo.data.latent_shards import LatentShards, noise_seed, without_cache_checks
 
@@ -33,7 +33,7 @@ N = 70  # samples in the tiny caches (3 shards of 30, 30, 10)
 SOURCE = {"type": "digits", "preset": "tiny", "length": N}
 
 
-class AffineAE(nn.Module):
+class AffineAE(AutoencoderModule):
     """A small deterministic autoencoder with weights and a posterior: raw mean = GAIN * x + 0.5, logvar = -3."""
 
     Params = IdentityAutoencoderParams
@@ -125,7 +125,7 @@ def test_round_trip_decode_and_statistics(affine_cache):
     assert [s["count"] for s in m["shards"]] == [30, 30, 10] and m["latent_shape"] == [1, 16, 16]
     x, y = source_batch()
     ae = AffineAE(IdentityAutoencoderParams(type="identity"))
-    raw_mean, _ = moments(ae, x)
+    raw_mean, _ = ae.moments(x)
     flat = raw_mean.double().transpose(0, 1).reshape(1, -1)
     assert m["stats"]["source"] == "measured"
     assert m["stats"]["mean"] == pytest.approx(flat.mean(1).tolist(), rel=1e-9)
@@ -139,7 +139,7 @@ def test_round_trip_decode_and_statistics(affine_cache):
     g = compile_spec(spec, torch.device("cpu"))
     tokens = g.to_tokens(z, y)
     assert torch.equal(tokens.x0, g.modality.to_tokens(z))  # no encoder on cached latents
-    direct = decode_raw(ae, raw_mean)
+    direct = ae.decode_raw(raw_mean)
     assert torch.allclose(g.decode(tokens.x0), direct, atol=1e-5)
     assert torch.allclose(direct, x, atol=1e-5)
     assert latent_health(g, (z[:16], y[:16])) == []
@@ -302,10 +302,9 @@ def test_digit_metrics_and_ceiling_on_a_cache_without_source(affine_cache, tmp_p
     metrics validate, and the real-data ceiling is measured on that data."""
     from registry.kinds import DATASETS as D
     from runtime.run import main
-    from zoo.core.params import data_space
 
     raw = tiny_spec_dict(data={"type": "latent_shards", "path": str(affine_cache)})
-    assert data_space(validate(raw).data).model_dump(mode="json") == \
+    assert validate(raw).data.data_space().model_dump(mode="json") == \
         D.get(SOURCE["type"]).Params.model_validate(SOURCE).model_dump(mode="json")
     raw["eval"] = {"num_samples": 8, "metrics": [{"type": "class_accuracy"}]}
     spec_file = tmp_path / "spec.json"

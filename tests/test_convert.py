@@ -23,7 +23,6 @@ from registry.spec import validate
 from runtime import convert as cv
 from storage.checkpoint import load_checkpoint
 from runtime.compiler import compile_spec
-from zoo.core.params import data_space
 from tests.helpers import tiny_spec_dict
 
 
@@ -329,7 +328,7 @@ def test_released_xl2_layouts_map_completely(kind):
     assert bb.type == ("sit" if kind == "repa" else "sit_time_flip")
     assert getattr(bb, "learn_sigma", False) == (kind != "repa")
     assert spec.data.num_classes == 1000 and plan.arch.num_classes == 1000   # Self-Flow's 1001 = 1000 + null 1000
-    assert spec.autoencoder.type == "diffusers" and data_space(spec.data).size == 256 and spec.autoencoder.latent_channels == 4
+    assert spec.autoencoder.type == "diffusers" and spec.data.data_space().size == 256 and spec.autoencoder.latent_channels == 4
     assert plan.model["backbone.y_embedder.embedding_table.weight"].shape == (1001, 1152)
     assert plan.model["backbone.x_embedder.weight"].shape == (1152, 16)
     assert len(plan.model) == 2 + 1 + 4 + 1 + 28 * 10 + 4    # x_emb, pos_embed, t_emb, y_emb, blocks, final layer

@@ -348,3 +348,41 @@ def test_position_contract(tag, tmp_path):
     assert rq.shape == q.shape and rk.shape == k.shape and rq.dtype == q.dtype
     assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # rotations keep each head's norm
     assert torch.allclose(rk.norm(dim=-1), k.norm(dim=-1), atol=1e-5)
+
+
+KIND_BASES = {"data": "DataParams", "modality": "ModalityParams", "autoencoder": "AutoencoderParams",
+              "teacher": "TeacherParams"}
+
+
+def test_every_entry_derives_from_its_kinds_hook_base():
+    """The optional hooks are declared once per kind (``zoo.core.params``, ``zoo.core.protocols``,
+    ``zoo.autoencoders.base``) and called without probing: every entry must inherit them."""
+    from registry.kinds import ALL, AUTOENCODERS, METRICS, OBJECTIVES
+    from zoo.autoencoders.base import AutoencoderModule
+    from zoo.core import params as zp
+
+    for kind, base in KIND_BASES.items():
+        bad = [t for t, c in ALL[kind].items() if not issubclass(c.Params, getattr(zp, base))]
+        assert not bad, f"{kind} params not derived from {base}: {bad}"
+    assert all(issubclass(c, protocols.ObjectiveModule) for _, c in OBJECTIVES.items())
+    assert all(issubclass(c, protocols.Metric) for _, c in METRICS.items())
+    assert all(issubclass(c, AutoencoderModule) for _, c in AUTOENCODERS.items())
+
+
+def test_a_misspelt_hook_is_an_error():
+    from typing import Literal
+
+    from zoo.core.params import DataParams
+
+    with pytest.raises(TypeError, match="did you mean 'stream_rates'"):
+        class _Bad(DataParams):
+            type: Literal["bad"]
+
+            def stream_rate(self) -> dict:
+                return {}
+    with pytest.raises(TypeError, match="did you mean 'problems'"):
+        class _AlsoBad(DataParams):
+            type: Literal["also_bad"]
+
+            def problem(self, spec):
+                return ()

@@ -20,7 +20,8 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.kinds import AUTOENCODERS
-from zoo.core.params import ZooParams
+from zoo.core.params import AutoencoderParams
+from zoo.autoencoders.base import AutoencoderModule
 
 
 def _mono_shape(input_shape: Any, who: str) -> tuple[int, int]:
@@ -29,7 +30,7 @@ def _mono_shape(input_shape: Any, who: str) -> tuple[int, int]:
     return 1, int(tuple(input_shape)[1])
 
 
-class WaveformParams(ZooParams):
+class WaveformParams(AutoencoderParams):
     """The waveform itself as the latent (optionally rescaled)."""
 
     type: Literal["waveform"] = Field(..., description="Mono waveform (1, L) as the latent, times `scale` (no weights).")
@@ -45,7 +46,7 @@ class WaveformParams(ZooParams):
 
 
 @AUTOENCODERS.register
-class Waveform(nn.Module):
+class Waveform(AutoencoderModule):
     """``encode`` ``(B, 1, L)`` -> ``(B, 1, L)`` times ``scale``; ``decode`` divides by it."""
 
     Params = WaveformParams
@@ -61,7 +62,7 @@ class Waveform(nn.Module):
         return z / self.params.scale
 
 
-class STFTParams(ZooParams):
+class STFTParams(AutoencoderParams):
     """Centred, orthonormal Hann STFT: real and imaginary parts as channels."""
 
     type: Literal["stft"] = Field(..., description="Fixed invertible STFT (real, imag) of mono audio (no weights).")
@@ -111,7 +112,7 @@ def _stream_shape(shape: Any, stream: str) -> Any:
 
 
 @AUTOENCODERS.register
-class STFT(nn.Module):
+class STFT(AutoencoderModule):
     """``encode`` ``(B, 1, L)`` -> ``(B, 2F, L / hop + 1)``; ``decode`` the exact inverse (``torch.istft``)."""
 
     Params = STFTParams

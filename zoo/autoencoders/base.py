@@ -1,4 +1,5 @@
-"""What every autoencoder offers beyond ``encode``/``decode``, with fallbacks for entries that do not define it.
+"""What every autoencoder offers beyond ``encode``/``decode``: :class:`AutoencoderModule` declares the hooks once,
+with the defaults of entries whose raw latent is already normalised.
 
 Raw units are the autoencoder's native latent, before its own normalisation: for an entry with published
 constants ``shift`` and ``scale``, ``encode(x) == (moments(x)[0] - shift) * scale`` (posterior mean) and
@@ -9,24 +10,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 
-def moments(ae: nn.Module, x: Any) -> tuple[Any, Any]:
-    """Raw posterior ``(mean, logvar)`` of ``x`` (``(B, *latent_shape)`` each); ``logvar`` is None for
-    deterministic autoencoders."""
-    fn = getattr(ae, "moments", None)
-    return fn(x) if fn is not None else (ae.encode(x), None)
+class AutoencoderModule(nn.Module):
+    """Base of every ``autoencoder`` entry (frozen). ``encode`` ``(B, *input_shape)`` -> ``(B, *latent_shape)``
+    (normalised), ``decode`` the inverse; a dict of tensors by stream for multi-stream data."""
 
+    def encode(self, x: Any) -> Any:
+        raise NotImplementedError
 
-def decode_raw(ae: nn.Module, z: Any) -> Any:
-    """Decode a raw latent ``(B, *latent_shape)`` to data space."""
-    fn = getattr(ae, "decode_raw", None)
-    return fn(z) if fn is not None else ae.decode(z)
+    def decode(self, z: Any) -> Any:
+        raise NotImplementedError
 
+    def moments(self, x: Any) -> tuple[Any, Any]:
+        """Raw posterior ``(mean, logvar)`` of ``x`` (``(B, *latent_shape)`` each); ``logvar`` is None for
+        deterministic autoencoders (the default: ``(encode(x), None)``)."""
+        return self.encode(x), None
 
-def published_stats(ae: nn.Module) -> tuple[Any, Any]:
-    """The autoencoder's own normalisation as ``(mean, std)`` of its raw latent, i.e. ``(shift, 1 / scale)``
-    (scalars or per-channel sequences); ``(0.0, 1.0)`` for entries whose raw latent is already normalised."""
-    fn = getattr(ae, "published_stats", None)
-    return fn() if fn is not None else (0.0, 1.0)
+    def decode_raw(self, z: Any) -> Any:
+        """Decode a raw latent ``(B, *latent_shape)`` to data space (default: ``decode``)."""
+        return self.decode(z)
+
+    def published_stats(self) -> tuple[Any, Any]:
+        """The autoencoder's own normalisation as ``(mean, std)`` of its raw latent, i.e. ``(shift, 1 / scale)``
+        (scalars or per-channel sequences); ``(0.0, 1.0)`` by default (raw latent already normalised)."""
+        return 0.0, 1.0

@@ -41,8 +41,9 @@ from torch import Tensor, nn
 from registry.kinds import AUTOENCODERS, BACKBONES
 from storage.checkpoint import find_checkpoint, load_weights, step_of
 from storage.files import write_json_atomic
-from zoo.core.params import ZooParams
+from zoo.core.params import AutoencoderParams, ZooParams
 from zoo.core.types import BackboneOut
+from zoo.autoencoders.base import AutoencoderModule
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -308,7 +309,7 @@ def run_info(run: str) -> tuple[Path, dict, Any, tuple[int, ...]]:
     return (ck, *_run_info(str(ck), (ck / "spec.resolved.json").stat().st_mtime_ns))
 
 
-class _VAEAutoencoderParams(ZooParams):
+class _VAEAutoencoderParams(AutoencoderParams):
     run: str = Field(..., description="Run directory (its newest checkpoint) or checkpoint directory of a trained "
                                       "conv VAE; the resolved spec pins the checkpoint directory.")
     weights: Literal["ema", "model"] = Field("ema", description="Which weights of the checkpoint to load.")
@@ -370,7 +371,7 @@ class ConvVAE1dAutoencoderParams(_VAEAutoencoderParams):
     train_spec: ClassVar[str] = "specs/vae_audio.json"
 
 
-class _VAEAutoencoder(nn.Module):
+class _VAEAutoencoder(AutoencoderModule):
     """Frozen trained VAE: ``encode`` ``(B, C, *S)`` -> normalised posterior mean ``(B, z, *S / f)``, ``decode``
     the inverse; ``moments`` / ``decode_raw`` / ``published_stats`` in raw units (:mod:`zoo.autoencoders.base`)."""
 

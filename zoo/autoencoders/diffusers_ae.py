@@ -42,7 +42,8 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.kinds import AUTOENCODERS
-from zoo.core.params import ZooParams
+from zoo.core.params import AutoencoderParams
+from zoo.autoencoders.base import AutoencoderModule
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WAN_CHUNK = 4  # diffusers' AutoencoderKLWan encodes frame 0, then chunks of this many frames
@@ -90,7 +91,7 @@ def layout_from_config(class_name: str, cfg: dict) -> Layout:
 Number = float | list[float]
 
 
-class DiffusersAutoencoderParams(ZooParams):
+class DiffusersAutoencoderParams(AutoencoderParams):
     """A frozen diffusers autoencoder from local files; latent layout and statistics default to its config."""
 
     type: Literal["diffusers"]
@@ -273,7 +274,7 @@ class DiffusersAutoencoderParams(ZooParams):
         for fields, msg in self.shape_problems(data.sample_shape(), lay):
             field = next((f for f in fields.split("|") if f and hasattr(data, f)), None)
             yield f"data.{field}" if field else "data", f"autoencoder {self.class_name}: {msg}"
-        rates = getattr(data, "stream_rates", lambda: {})()
+        rates = data.stream_rates() or {}
         if lay.sample_rate is not None and cfg is not None and "audio" in rates and rates["audio"] != lay.sample_rate:
             yield ("data.sample_rate" if hasattr(data, "sample_rate") else "data",
                    f"autoencoder {self.class_name} was trained on {lay.sample_rate} Hz audio; the data give "
@@ -336,7 +337,7 @@ def _keys(keys: list[str]) -> str:
 
 
 @AUTOENCODERS.register
-class DiffusersAutoencoder(nn.Module):
+class DiffusersAutoencoder(AutoencoderModule):
     """Frozen diffusers autoencoder (see the module docstring for shapes). ``encode(x)`` = normalised posterior mean
     (or sample), ``(B, *input_shape)`` -> ``(B, *latent_shape)`` float32; ``decode`` the inverse."""
 

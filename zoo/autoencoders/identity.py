@@ -8,10 +8,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import AUTOENCODERS
-from zoo.core.params import ZooParams
+from zoo.core.params import AutoencoderParams
+from zoo.autoencoders.base import AutoencoderModule
 
 
-class IdentityAutoencoderParams(ZooParams):
+class IdentityAutoencoderParams(AutoencoderParams):
     """No autoencoder: the data sample is the latent."""
 
     type: Literal["identity"] = Field(..., description="Pass-through: latent = input (pixel space, tests).")
@@ -24,7 +25,7 @@ class IdentityAutoencoderParams(ZooParams):
 
 
 @AUTOENCODERS.register
-class IdentityAutoencoder(nn.Module):
+class IdentityAutoencoder(AutoencoderModule):
     """Frozen pass-through; no weights."""
 
     Params = IdentityAutoencoderParams

@@ -12,10 +12,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import AUTOENCODERS
-from zoo.core.params import StreamKeys, ZooParams
+from zoo.core.params import AutoencoderParams, StreamKeys
+from zoo.autoencoders.base import AutoencoderModule
 
 
-class StreamsParams(ZooParams):
+class StreamsParams(AutoencoderParams):
     """One autoencoder per stream."""
 
     type: Literal["streams"] = Field(..., description="A separate autoencoder per named stream (audio+video).")
@@ -36,13 +37,13 @@ class StreamsParams(ZooParams):
 
     def time_stride(self, input_shape: Any) -> dict[str, int]:
         shapes = self._check_streams(input_shape)
-        return {k: int(getattr(self.parts[k], "time_stride", lambda _s: 1)(v)) for k, v in shapes.items()}
+        return {k: int(self.parts[k].time_stride(v)) for k, v in shapes.items()}
 
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
         """Parts match the data streams (a part named after no modality is the spec checker's
         ``unknown modality``); each part fits its stream."""
         shapes = spec.data.sample_shape()
-        modalities = getattr(spec.modality, "segment_names", ())
+        modalities = spec.modality.segment_names
         if isinstance(shapes, dict) and any(k not in modalities for k in self.parts):
             return
         try:
@@ -58,7 +59,7 @@ class StreamsParams(ZooParams):
 
 
 @AUTOENCODERS.register
-class Streams(nn.Module):
+class Streams(AutoencoderModule):
     """``encode``/``decode`` map dicts of tensors stream by stream."""
 
     Params = StreamsParams

@@ -5,10 +5,10 @@ Shapes: ``B`` batch, ``N`` tokens, ``P`` token dim (channels x patch area), ``D`
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from zoo.core.types import BackboneOut, LossOut, StepContext, StepRNG, TokenBatch
 
@@ -92,9 +92,37 @@ class Objective(Protocol):
     ``hidden``, ``depth`` (backbone width and block count), ``grid`` (token grid), ``teachers`` (frozen
     modules by spec name; empty on the meta device) and ``teacher_params`` (their params, always given).
     Optional ``extra_forward_flops(backbone, num_tokens) -> float``: FLOPs per sample it adds (a teacher
-    pass), counted by ``--dry-run`` and ``runtime.bench``."""
+    pass), counted by ``--dry-run`` and ``runtime.bench``. Implementations derive from :class:`ObjectiveModule`,
+    which declares the optional hooks."""
 
     def forward(self, student: torch.nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut: ...
+
+
+class ObjectiveModule(nn.Module):
+    """Base of every objective: its optional hooks, declared once with their defaults.
+
+    ``needs_raw``: the objective reads ``TokenBatch.raw`` (data space) even without teachers.
+    ``reconstructs``: it trains an autoencoder, not a flow; samples are then :meth:`reconstruct`'s reconstructions
+    of held-out data, never a solver's output."""
+
+    needs_raw: ClassVar[bool] = False
+    reconstructs: ClassVar[bool] = False
+
+    def extra_forward_flops(self, backbone: nn.Module, num_tokens: int) -> float:
+        """FLOPs per sample it adds to ``3 x backbone forward`` (a teacher pass, projector heads); 0 by default."""
+        return 0.0
+
+    def reconstruct(self, graph: Any, n: int, labels: Tensor | None, *, use_ema: bool = True) -> Any:
+        """``n`` reconstructions ``(n, *input_shape)`` in [-1, 1] of held-out samples with ``labels`` (objectives
+        with ``reconstructs`` only)."""
+        raise NotImplementedError(f"{type(self).__name__} trains a flow: sample it with a solver")
+
+
+class Metric:
+    """Base of every metric. ``metric(samples, labels) -> {name: value}`` on generated data-space samples; with
+    ``uses_model`` instead ``metric.evaluate_model(graph) -> {name: value}`` on the model itself (linear probes)."""
+
+    uses_model: ClassVar[bool] = False
 
 
 @runtime_checkable

@@ -31,7 +31,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor
 
 from registry.kinds import DATASETS
-from zoo.core.params import ZooParams
+from zoo.core.params import DataParams
 from zoo.data.digits import (_FONT_BUCKETS, _INK_PER_EM, NUM_CLASSES, GeneratedDataset, _colours, _glyph,
                               _supersampling, ordered_range)
 from zoo.data.errors import check_index, check_split
@@ -58,7 +58,7 @@ def dtmf_freqs(digit: int) -> tuple[float, float]:
     return DTMF_ROWS[r], DTMF_COLS[c]
 
 
-class BouncingDigitsAVDataParams(ZooParams):
+class BouncingDigitsAVDataParams(DataParams):
     """Bouncing digit clips with DTMF bursts at the start and at each wall bounce."""
 
     type: Literal["bouncing_digits_av"] = Field(
@@ -85,7 +85,6 @@ class BouncingDigitsAVDataParams(ZooParams):
     seed: int = Field(0, ge=0, description="Seed of the generator; each (seed, split, index) gives one fixed clip.")
     streams: tuple[Literal["video", "audio"], ...] = Field(
         STREAMS, description="Streams of a sample: 'video', 'audio' or both (a dict); one stream = a bare tensor.")
-    num_workers: int = Field(0, ge=0, description="data-loader worker processes")
 
     presets: ClassVar[dict[str, dict]] = {
         "tiny": {"length": 64},

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from registry.kinds import DATASETS
-from zoo.core.params import ZooParams
+from zoo.core.params import DataParams
 from zoo.data.errors import check_index, check_split
 
 GENERATOR_VERSION = "digits-v1"
@@ -53,7 +53,7 @@ def ordered_range(v: tuple[float, float], lo: float, hi: float) -> tuple[float, 
     return v
 
 
-class DigitsDataParams(ZooParams):
+class DigitsDataParams(DataParams):
     """Procedural digits '0'-'9'. Samples are ``(C, size, size)`` float32 in [-1, 1] with labels 0..9."""
 
     type: Literal["digits"] = Field(..., description="Procedurally rendered digits '0'-'9' (no download).")
@@ -70,7 +70,6 @@ class DigitsDataParams(ZooParams):
         (0.0, 0.06), description="Range of the std of additive Gaussian noise, in [0, 1] intensity units.")
     min_contrast: float = Field(
         0.35, ge=0.0, le=0.9, description="Minimum luma difference between foreground and background (in [0, 1]).")
-    num_workers: int = Field(0, ge=0, description="data-loader worker processes")
 
     presets: ClassVar[dict[str, dict]] = {
         "tiny": {"size": 16, "channels": 1, "length": 512},

@@ -30,13 +30,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from registry.kinds import DATASETS
-from zoo.core.params import ZooParams
+from zoo.core.params import DataParams
 from zoo.data.errors import ClassFolderChecks, DataError, check_index, normalise_extensions
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-class ImageFolderDataParams(ZooParams):
+class ImageFolderDataParams(DataParams):
     """Images under ``root/<class>/...``; samples are ``(C, size, size)`` float32 in [-1, 1]."""
 
     type: Literal["image_folder"] = Field(..., description="Class-labelled images, one sub-folder per class.")
@@ -52,7 +52,6 @@ class ImageFolderDataParams(ZooParams):
         False, description="Skip non-image and corrupt files, reporting each once, instead of stopping the run.")
     check_files: bool = Field(
         False, description="Decode every file when the dataset is built (slow; finds bad files early).")
-    num_workers: int = Field(0, ge=0, description="data-loader worker processes")
 
     presets: ClassVar[dict[str, dict]] = {"tiny": {"size": 16}}
 

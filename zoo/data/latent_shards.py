@@ -22,7 +22,7 @@ import contextvars
 import functools
 import json
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from registry.kinds import DATASETS
 from storage.latent_cache import MANIFEST, read_manifest, stats_tensors, strip_location
-from zoo.core.params import ZooParams
+from zoo.core.params import DataParams
 from zoo.data.errors import DataError, check_split
 
 TAG = "latent_shards"
@@ -69,10 +69,11 @@ def stats_body(stats: dict[str, Any]) -> dict[str, Any]:
     return stats["streams"] if "streams" in stats else {"mean": stats["mean"], "std": stats["std"]}
 
 
-class LatentShardsParams(ZooParams):
+class LatentShardsParams(DataParams):
     """A latent cache; normalised with the manifest's per-channel statistics."""
 
     type: Literal["latent_shards"] = Field(..., description="Latents cached by `python -m runtime.cache SPEC`.")
+    latent_cache: ClassVar[bool] = True
     source: "DataSpec | None" = Field(  # noqa: F821 (resolved by registry.spec.rebuild)
         None, description="The data the cache encodes (what `runtime.cache` reads); lets specs validate and "
                           "dry-run before the cache exists. Without it, shapes and classes come from the manifest.")
@@ -87,7 +88,6 @@ class LatentShardsParams(ZooParams):
     raw: bool = Field(False, description="Also return the source sample (data space) for frozen teachers (REPA); "
                                          "needs `source`.")
     seed: int = Field(0, ge=0, description="Seed of the posterior noise.")
-    num_workers: int = Field(0, ge=0, description="data-loader worker processes")
 
     @field_validator("path")
     @classmethod
@@ -135,8 +135,7 @@ class LatentShardsParams(ZooParams):
         return self.manifest()["identity"]
 
     def stream_rates(self) -> Any:
-        fn = getattr(self.source, "stream_rates", None)
-        return fn() if fn is not None else None
+        return self.source.stream_rates() if self.source is not None else None
 
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
         if self.source is not None and self.source.type == TAG:

@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from registry.kinds import DATASETS
-from zoo.core.params import ZooParams
+from zoo.core.params import DataParams
 from zoo.data.errors import ClassFolderChecks, DataError, check_index, normalise_extensions
 from zoo.media import MediaInfo, probe_media, read_frames_at, read_media
 
@@ -54,7 +54,7 @@ _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 # ---------------------------------------------------------------------------------------------- params
-class _MediaFolderParams(ZooParams):
+class _MediaFolderParams(DataParams):
     """Fields shared by the three media folders."""
 
     root: str = Field(..., min_length=1, description="Folder holding one sub-folder per class (sorted names -> ids).")
@@ -64,7 +64,6 @@ class _MediaFolderParams(ZooParams):
     on_error: Literal["stop", "skip"] = Field(
         "stop", description="Bad file: 'stop' raises an error naming it; 'skip' reports it once and skips it.")
     seed: int = Field(0, ge=0, description="Seed of the window positions; each (seed, split, index) gives one window.")
-    num_workers: int = Field(0, ge=0, description="data-loader worker processes")
 
     @field_validator("extensions", check_fields=False)
     @classmethod

@@ -46,7 +46,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from registry.kinds import METRICS
-from zoo.core.params import ZooParams, data_space
+from zoo.core.params import ZooParams
+from zoo.core.protocols import Metric
 from zoo.data.bouncing_av import GENERATOR_VERSION, BouncingDigitsAVDataParams, render_clip
 from zoo.metrics.classifier import DigitClassifier, cache_dir, fit_classifier, get_digit_classifier
 from zoo.metrics.dtmf import burst_onsets, decode_digit, video_bounces
@@ -213,7 +214,7 @@ def get_frame_classifier(dp: BouncingDigitsAVDataParams, device: torch.device | 
 # --------------------------------------------------------------------------------------------- metrics
 def _data_problems(name: str, data: Any, needs: tuple[str, ...]) -> Iterable[tuple[str, str]]:
     """``("", message)`` pairs (the caller adds the metric's path) when ``data`` cannot feed metric ``name``."""
-    data = data_space(data)
+    data = data.data_space()
     if data.type != DATA_TYPE:
         yield "", f"{name} needs data.type {DATA_TYPE!r} (digit glyphs + DTMF tones), got {data.type!r}"
         return
@@ -223,7 +224,7 @@ def _data_problems(name: str, data: Any, needs: tuple[str, ...]) -> Iterable[tup
                    f"add {' and '.join(repr(s) for s in missing)} to data.streams")
 
 
-class _AVMetric:
+class _AVMetric(Metric):
     """Shared plumbing: data checks, stream selection, finiteness."""
 
     name: str = ""
@@ -441,7 +442,7 @@ def read_clips(samples: Any, data_params: Any, device: torch.device | str | None
     decoder, as ``audio_class_accuracy``), ``sync_ms`` (median |video bounce - nearest audio onset| of the
     clip in ms, as ``av_sync_ms``) and ``finite`` (False: the clip holds NaN/inf and every reading is None).
     """
-    data_params = data_space(data_params)
+    data_params = data_params.data_space()
     if data_params.type != DATA_TYPE:
         raise ValueError(f"read_clips needs data.type {DATA_TYPE!r}, got {data_params.type!r}")
     if not isinstance(samples, dict):

@@ -38,7 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from registry.kinds import METRICS
-from zoo.core.params import ZooParams, data_space
+from zoo.core.params import ZooParams
+from zoo.core.protocols import Metric
 from zoo.data.digits import GENERATOR_VERSION, NUM_CLASSES, DigitsDataParams, render_digit
 from zoo.metrics.frechet import feature_stats, frechet_distance
 
@@ -282,7 +283,7 @@ def get_digit_classifier(size: int, channels: int, device: torch.device | str | 
 
 # --------------------------------------------------------------------------------------------- metrics
 def _needs_digits(name: str, spec: Any) -> Iterable[tuple[str, str]]:
-    data = data_space(spec.data)
+    data = spec.data.data_space()
     if data.type != "digits":
         yield ("eval.metrics", f"{name} needs data.type 'digits' (its classifier is trained on the digits "
                                f"generator), got {data.type!r}")
@@ -306,13 +307,13 @@ class ClassAccuracyMetricParams(ZooParams):
 
 
 @METRICS.register
-class ClassAccuracy:
+class ClassAccuracy(Metric):
     """``metric(samples (N, C, H, W) in [-1, 1], labels (N,)) -> {"class_accuracy": float in [0, 1]}``."""
 
     Params = ClassAccuracyMetricParams
 
     def __init__(self, params: ClassAccuracyMetricParams, data_params: Any, device: torch.device | str = "cpu"):
-        data_params = data_space(data_params)
+        data_params = data_params.data_space()
         if data_params.type != "digits":
             raise ValueError(f"class_accuracy needs data.type 'digits', got {data_params.type!r}")
         self.params = params
@@ -346,7 +347,7 @@ _REF_STATS: dict[tuple, tuple[Any, Any]] = {}
 
 
 @METRICS.register
-class ClassifierFD:
+class ClassifierFD(Metric):
     """``metric(samples (N, C, H, W) in [-1, 1], labels ignored) -> {"classifier_fd": float >= 0}``.
 
     Samples are clamped to [-1, 1]; the reference statistics of the ``num_real`` eval images are computed
@@ -356,7 +357,7 @@ class ClassifierFD:
     Params = ClassifierFDMetricParams
 
     def __init__(self, params: ClassifierFDMetricParams, data_params: Any, device: torch.device | str = "cpu"):
-        data_params = data_space(data_params)
+        data_params = data_params.data_space()
         if data_params.type != "digits":
             raise ValueError(f"classifier_fd needs data.type 'digits', got {data_params.type!r}")
         self.params, self.data_params = params, data_params

@@ -12,13 +12,14 @@ Unlike the sample metrics, it reads the model: ``metric.evaluate_model(graph) ->
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 from pydantic import Field
 
 from registry.kinds import DATASETS, METRICS
 from zoo.core.params import ZooParams
+from zoo.core.protocols import Metric
 from zoo.core.time import interpolate
 
 
@@ -41,9 +42,9 @@ class LinearProbeMetricParams(ZooParams):
 
 
 @METRICS.register
-class LinearProbe:
+class LinearProbe(Metric):
     Params = LinearProbeMetricParams
-    uses_model = True
+    uses_model: ClassVar[bool] = True
 
     def __init__(self, params: LinearProbeMetricParams, data_params: Any, device: torch.device | str = "cpu"):
         self.params, self.device = params, torch.device(device)

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from registry.kinds import MODALITIES
 from zoo.core.layout import TokenLayout
-from zoo.core.params import ZooParams
+from zoo.core.params import ModalityParams
 
 
-class ImageModalityParams(ZooParams):
+class ImageModalityParams(ModalityParams):
     """Image latents ``(C, H, W)`` split into ``p x p`` patch tokens (p = ``backbone.patch``)."""
 
     type: Literal["image"] = Field(..., description="Image latents (C, H, W) as p x p patch tokens, (ph, pw, c) order.")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from registry.kinds import MODALITIES
 from zoo.core.layout import Segment, TokenLayout
-from zoo.core.params import ZooParams
+from zoo.core.params import ModalityParams
 
 
 def _stream(x: Any, name: str) -> Any:
@@ -51,7 +51,7 @@ def video_layout(latent_shape: tuple[int, ...], patch: tuple[int, int, int]) -> 
     return (sizes[0] // patch[0], sizes[1] // patch[1], sizes[2] // patch[2]), c * math.prod(patch)
 
 
-class VideoModalityParams(ZooParams):
+class VideoModalityParams(ModalityParams):
     """Video latents ``(C, T, H, W)`` as space-time patch tokens."""
 
     type: Literal["video"] = Field(..., description="Video latents (C, T, H, W) as pt x ph x pw patch tokens.")
@@ -104,7 +104,7 @@ class _VideoTokens:
 
 
 # ----------------------------------------------------------------------------------------------- audio
-class AudioModalityParams(ZooParams):
+class AudioModalityParams(ModalityParams):
     """Audio latents ``(C, L)`` as patches of ``patch`` time steps."""
 
     type: Literal["audio"] = Field(..., description="Audio latents (C, L) as patches of p time steps.")
@@ -222,7 +222,7 @@ class AudioModality(_OneStream):
     stream, tokenizer = "audio", _AudioTokens
 
 
-class AudioVideoModalityParams(ZooParams):
+class AudioVideoModalityParams(ModalityParams):
     """One sequence: the video tokens, then the audio tokens of the same clip."""
 
     type: Literal["audio_video"] = Field(..., description="Joint clip: video patch tokens then audio patch tokens, "

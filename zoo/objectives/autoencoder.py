@@ -13,7 +13,7 @@ For data ``x`` ``(B, C, *S)`` in [-1, 1] (``TokenBatch.raw``; ``needs_raw``)::
 
 Metrics: ``loss_rec``, ``loss_kl``, ``loss_perc`` (when used) and ``psnr`` = 10 log10(2^2 / mse) (peak-to-peak 2).
 
-``generate`` returns reconstructions (posterior mean, decoded, clamped to [-1, 1]) of held-out (``eval``)
+``reconstruct`` returns reconstructions (posterior mean, decoded, clamped to [-1, 1]) of held-out (``eval``)
 samples, chosen in order so that sample ``i`` has label ``labels[i]`` (the first ``n`` samples when
 unconditional; for the digits datasets, whose label is ``index % 10``, that is the first ``n`` samples), so
 the run's sample sheets and metrics (class accuracy, classifier FD against real data: an rFID analogue)
@@ -21,7 +21,7 @@ apply unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from registry.kinds import OBJECTIVES
 from zoo.core.params import ZooParams
+from zoo.core.protocols import ObjectiveModule
 from zoo.core.types import LossOut, StepContext, TokenBatch
 
 VAE_BACKBONES = ("conv_vae", "conv_vae_1d")
@@ -83,11 +84,12 @@ class AutoencoderObjectiveParams(ZooParams):
 
 
 @OBJECTIVES.register
-class AutoencoderObjective(nn.Module):
+class AutoencoderObjective(ObjectiveModule):
     """No parameters. deps: ``teachers`` (frozen modules by name; held in a plain dict, never saved)."""
 
     Params = AutoencoderObjectiveParams
-    needs_raw = True
+    needs_raw: ClassVar[bool] = True
+    reconstructs: ClassVar[bool] = True
 
     def __init__(self, params: AutoencoderObjectiveParams, *, teachers: dict[str, nn.Module] | None = None,
                  **deps: Any):
@@ -127,9 +129,9 @@ class AutoencoderObjective(nn.Module):
         return F.mse_loss(teacher.features(rec.float()).float(), target)
 
     @torch.no_grad()
-    def generate(self, graph: Any, n: int, labels: Tensor | None, *, seed: int = 0, use_ema: bool = True) -> Tensor:
-        """Reconstructions ``(n, C, *S)`` in [-1, 1] of held-out samples whose labels are ``labels`` (in order);
-        ``seed`` is unused (the posterior mean is decoded)."""
+    def reconstruct(self, graph: Any, n: int, labels: Tensor | None, *, use_ema: bool = True) -> Tensor:
+        """Reconstructions ``(n, C, *S)`` in [-1, 1] of held-out samples whose labels are ``labels`` (in order):
+        the posterior mean, decoded."""
         from registry.kinds import DATASETS
 
         net = graph.ema.module if (use_ema and graph.ema is not None) else graph.backbone
@@ -141,11 +143,7 @@ class AutoencoderObjective(nn.Module):
         for i in range(0, len(xs), 256):
             x = torch.stack(xs[i: i + 256]).to(graph.device).float()
             with graph.autocast():
-                if hasattr(net, "encode_moments"):
-                    rec = net.decode(net.encode_moments(x)[0])
-                else:
-                    tokens = graph.modality.to_tokens(x)
-                    rec = graph.modality.from_tokens(net(tokens, torch.zeros(len(x), device=x.device), None).pred)
+                rec = net.decode(net.encode_moments(x)[0])
             out.append(rec.float().clamp(-1, 1).cpu())
         net.train(was_training)
         return torch.cat(out)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from registry.kinds import OBJECTIVES
 from zoo.core.params import StreamKeys, ZooParams
+from zoo.core.protocols import ObjectiveModule
 from zoo.core.layout import TokenLayout
 from zoo.core.time import interpolate, velocity_target
 from zoo.core.types import LossOut, StepContext, StepRNG, TokenBatch
@@ -104,7 +105,7 @@ class FlowMatchingParams(ZooParams):
 
 
 @OBJECTIVES.register
-class FlowMatching(nn.Module):
+class FlowMatching(ObjectiveModule):
     """No parameters. ``forward(student, batch, ctx) -> LossOut`` with metric ``loss_flow``."""
 
     Params = FlowMatchingParams

@@ -31,6 +31,7 @@ from registry.errors import closest
 from registry.kinds import OBJECTIVES
 from zoo.core.layout import TokenLayout
 from zoo.core.params import ZooParams
+from zoo.core.protocols import ObjectiveModule
 from zoo.core.types import LossOut, StepContext, TokenBatch
 from zoo.layers.heads import build_projector, projector_flops
 from zoo.objectives.flow_matching import draw_noise, drop_labels, flow_loss, noised, null_label_of
@@ -88,7 +89,7 @@ class REPAParams(ZooParams):
         return self.model_copy(update={"align_depth": default_align_depth(int(depth))})
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
-        names = tuple(getattr(spec.modality, "segment_names", ("image",)))
+        names = tuple(spec.modality.segment_names)
         if "image" not in names and "video" not in names:
             yield ("objective.type",
                    f"REPA aligns image or video tokens to image encoders (frame by frame for video), and no encoder is "
@@ -107,8 +108,6 @@ class REPAParams(ZooParams):
                        + (f"; did you mean {near!r}?" if near else ""))
             elif name in self.encoders[:i]:
                 yield f"objective.encoders[{i}]", f"teacher {name!r} is listed twice"
-            elif not hasattr(spec.teachers[name], "feature_dim"):
-                yield f"objective.encoders[{i}]", f"teacher {name!r} does not declare feature_dim"
         depth = getattr(spec.backbone, "depth", None)
         if self.align_depth is not None and depth is not None and self.align_depth > depth:
             yield "objective.align_depth", f"block {self.align_depth} is past the backbone's last block ({depth})"
@@ -117,7 +116,7 @@ class REPAParams(ZooParams):
                    f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
 
     def warnings(self, spec: Any) -> Iterable[str]:
-        names = tuple(getattr(spec.modality, "segment_names", ("image",)))
+        names = tuple(spec.modality.segment_names)
         if "audio" in names:
             yield ("the audio tokens carry no REPA loss: no audio encoder is registered; the video tokens are aligned "
                    "frame by frame")
@@ -125,7 +124,7 @@ class REPAParams(ZooParams):
         grid = _token_grid(spec)
         for name in self.encoders:
             tp = spec.teachers.get(name)
-            if tp is None or grid is None or not hasattr(tp, "feature_grid"):
+            if tp is None or grid is None:
                 continue
             try:
                 fg = tuple(tp.feature_grid(tuple(spec.data.sample_shape()), grid))
@@ -177,7 +176,7 @@ def cosine_per_token(a: Tensor, b: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ objective
 @OBJECTIVES.register
-class REPA(nn.Module):
+class REPA(ObjectiveModule):
     """``forward(student, batch, ctx) -> LossOut``; parameters: one projector per encoder (``projectors[i]``).
 
     deps: ``hidden``, ``depth``, ``grid`` (token grid), ``teachers`` (frozen modules by spec name; may be empty on
@@ -276,9 +275,8 @@ class REPA(nn.Module):
 
     def extra_forward_flops(self, backbone: nn.Module, num_tokens: int) -> float:
         """FLOPs per sample REPA adds to ``3 x backbone forward``: the trained projectors (3 x their forward:
-        forward + backward) and each teacher's forward where its params expose ``flops`` (``vit`` does; 0 for
-        the others)."""
+        forward + backward) and each teacher's forward (its params' ``flops``: ``vit`` counts, 0 for the others)."""
         proj = sum(projector_flops("mlp3", self.hidden, int(tp.feature_dim), self.params.projector_width)
                    for tp in self.teacher_params.values()) * num_tokens
-        teach = sum(float(tp.flops(self.grid)) for tp in self.teacher_params.values() if hasattr(tp, "flops"))
+        teach = sum(float(tp.flops(self.grid)) for tp in self.teacher_params.values())
         return 3.0 * proj + teach

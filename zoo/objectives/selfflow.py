@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from registry.kinds import OBJECTIVES
 from zoo.core.params import StreamKeys, ZooParams
+from zoo.core.protocols import ObjectiveModule
 from zoo.core.types import LossOut, StepContext, TokenBatch
 from zoo.layers.heads import build_projector, projector_flops
 from zoo.core.layout import TokenLayout
@@ -164,7 +165,7 @@ class SelfFlowParams(ZooParams):
     def problems(self, spec: Any):
         """Tap blocks inside the backbone and ordered; a guided sampler needs a trained null label."""
         yield from _block_problems(self.student_block, self.teacher_block, getattr(spec.backbone, "depth", None))
-        ratio, names = getattr(self.mask, "ratio", None), getattr(spec.modality, "segment_names", ())
+        ratio, names = getattr(self.mask, "ratio", None), spec.modality.segment_names
         if isinstance(ratio, dict) and names:
             missing = [n for n in names if n not in ratio]
             if missing:
@@ -185,7 +186,7 @@ class SelfFlowParams(ZooParams):
 
 
 @OBJECTIVES.register
-class SelfFlow(nn.Module):
+class SelfFlow(ObjectiveModule):
     """Self-Flow loss. Trainable: the projector ``self.projector`` (``(B, N, D) -> (B, N, D)``).
 
     deps: ``hidden`` (``D``), ``depth`` (block count; resolves null tap blocks), ``grid`` (token grid, for the

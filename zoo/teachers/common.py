@@ -27,7 +27,7 @@ class WeightsMismatch(ValueError):
 def spec_path(spec: Any, params: Any, field: str | None = None) -> str:
     """``teachers.<name>[.field]`` for the teacher whose params object is ``params`` ("" when not found; the
     spec checker then falls back to ``teachers.<name>``)."""
-    for name, p in getattr(spec, "teachers", {}).items():
+    for name, p in spec.teachers.items():
         if p is params:
             return f"teachers.{name}" + (f".{field}" if field else "")
     return ""

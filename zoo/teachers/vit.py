@@ -40,7 +40,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import TEACHERS
-from zoo.core.params import ZooParams
+from zoo.core.params import TeacherParams
 from zoo.teachers.common import (ImageTeacher, image_problems, imagenet_input, load_checked, read_state_dict,
                                  spec_path, strip_prefix)
 
@@ -55,7 +55,7 @@ def _preset(width: int, depth: int, heads: int, ffn: str, reg: bool) -> dict[str
     return out
 
 
-class ViTTeacherParams(ZooParams):
+class ViTTeacherParams(TeacherParams):
     """DINOv2-architecture ViT; presets ``tiny`` (tests: random init with ``weights: null``), ``S/14``,
     ``B/14``, ``L/14``, ``G/14`` (DINOv2 hub sizes) and ``*-reg4`` (with 4 register tokens); defaults = B/14."""
 
