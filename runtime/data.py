@@ -150,11 +150,6 @@ class GlobalBatchSampler:
         """Stream position: samples drawn by all ranks together."""
         return self._micro_batches * self.micro_batch
 
-    @property
-    def steps_seen(self) -> float:
-        """Optimizer steps drawn (fractional inside an accumulation cycle)."""
-        return self._micro_batches / self.grad_accum
-
     def state_dict(self) -> dict[str, Any]:
         """``{"samples_seen": int, "num_samples": int, "seed": int, "shuffle": bool}``."""
         return {

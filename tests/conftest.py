@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import AV_RUN_SETS, SPECS
 
@@ -15,6 +16,17 @@ def _private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FMZOO_CACHE", str(tmp_path_factory.mktemp("fmzoo_cache")))
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP hand-offs make
+    every op take milliseconds: run the test single-threaded and restore the setting afterwards
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SETS = AV_RUN_SETS  # the av_run fixture (tests/conftest.py) runs specs/selfflow_av.json with these
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_av_run_writes_playable_clips(av_run):
     spec = json.loads((av_run / "spec.resolved.json").read_text())
     clips = sorted((av_run / "samples" / "step_00000003").glob("*.mp4"))
@@ -33,6 +34,7 @@ def test_av_run_writes_playable_clips(av_run):
     assert (av_run / "samples" / "step_00000003.gif").is_file() and (av_run / "samples" / "step_00000003.png").is_file()
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_av_run_writes_posters_real_clips_readings_and_facts(av_run):
     gen, real = av_run / "samples" / "step_00000003", av_run / "samples" / "real"
     assert sorted(p.stem for p in gen.glob("*.png")) == sorted(p.stem for p in gen.glob("*.mp4"))
@@ -49,6 +51,7 @@ def test_av_run_writes_posters_real_clips_readings_and_facts(av_run):
     assert facts["started"] <= facts["finished"]
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_av_run_metrics_and_ceiling(av_run):
     rows = [r for r in read_jsonl(av_run / "metrics.jsonl") if any(k.startswith("real/") for k in r)]
     assert rows, "no evaluation row"
@@ -59,6 +62,7 @@ def test_av_run_metrics_and_ceiling(av_run):
     assert all("loss_flow_video" in r and "loss_flow_audio" in r and "loss_rep" in r for r in losses)
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_av_run_report_and_tensorboard(av_run):
     page = (av_run / "report.html").read_text()
     assert page.count("<video") == 8 and "samples/step_00000003/000_label0.mp4" in page  # generated + real
@@ -76,6 +80,7 @@ def test_av_run_report_and_tensorboard(av_run):
 
 @pytest.mark.parametrize("name,kind", [("selfflow_video.json", ".mp4"), ("selfflow_audio.json", ".wav"),
                                        ("fm_av.json", ".mp4")])
+@pytest.mark.slow  # trains through the CLI
 def test_other_media_specs_run(tmp_path, name, kind):
     """The one-stream specs (video only, audio only) and the vanilla baseline run end to end and write media."""
     out = tmp_path / "run"
@@ -88,6 +93,7 @@ def test_other_media_specs_run(tmp_path, name, kind):
     assert (out / "report.html").is_file()
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_unnormalised_latents_are_reported_before_training(tmp_path, capsys):
     """A latent scale far off (here the spectrogram's scale x 100) is said on stderr before step 1; the run goes on."""
     argv = [str(ROOT / "specs" / "selfflow_audio.json"), "--out", str(tmp_path / "run"), "--set", "autoencoder.scale=800",

@@ -21,14 +21,7 @@ from zoo.layers.embed import LabelEmbedder, sincos_pos_embed_2d, timestep_embedd
 P, NUM_CLASSES = 8, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP hand-offs make
-    every op take milliseconds; run these tests single-threaded and restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

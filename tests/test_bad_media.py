@@ -110,6 +110,7 @@ def run_spec(tmp_path, on_error: str) -> str:
     return str(p)
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_a_run_names_the_nan_file_and_counts_the_skips(tmp_path, capsys):
     from runtime import run as run_cli
     from runtime.tracking import read_jsonl

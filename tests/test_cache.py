@@ -285,6 +285,7 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_two_step_training_run_on_a_cache(affine_cache, tmp_path):
     from runtime.run import main
 
@@ -297,6 +298,7 @@ def test_two_step_training_run_on_a_cache(affine_cache, tmp_path):
     assert (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_digit_metrics_and_ceiling_on_a_cache_without_source(affine_cache, tmp_path):
     """A cache named by its path alone still tells metrics what it encodes (the manifest's data spec): the digit
     metrics validate, and the real-data ceiling is measured on that data."""

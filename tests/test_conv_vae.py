@@ -138,6 +138,7 @@ def test_vae_run_writes_checkpoint_and_reconstruction_metrics(vae_run):
     assert "real/classifier_fd" in ev and (vae_run / "samples" / "step_00000003.png").is_file()
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_vae_audio_run(tmp_path):
     out = tmp_path / "run"
     assert run_cli.main(_argv("vae_audio.json", out, AE_AUDIO)) == 0
@@ -149,6 +150,7 @@ def test_vae_audio_run(tmp_path):
     assert z.shape == (2, 8, 125) and ae.decode(z).shape == x.shape
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_latent_flow_run_decodes_data_shape(vae_run, tmp_path):
     out = tmp_path / "flow"
     assert run_cli.main(_argv("selfflow_digits_latent.json", out, FLOW + [f"autoencoder.run={vae_run}"])) == 0
@@ -167,6 +169,7 @@ def test_latent_flow_run_decodes_data_shape(vae_run, tmp_path):
     assert generate(graph, 3, torch.tensor([0, 1, 2]), seed=0).shape == (3, 1, 16, 16)
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_same_flow_spec_in_pixel_space(tmp_path):
     out = tmp_path / "pixels"
     sets = [s for s in FLOW if not s.startswith("autoencoder.")] + ['autoencoder={"type": "identity"}']

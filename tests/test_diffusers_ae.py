@@ -254,6 +254,7 @@ def test_imagenet_specs_still_validate_without_the_weights():
             assert spec.autoencoder.latent_shape(spec.data.sample_shape()) == (4, 32, 32)
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_pixel_spec_moves_to_a_diffusers_latent_space_by_its_autoencoder(saved, tmp_path):
     """fm_digits_tiny in RGB pixel space; replacing only `autoencoder` trains in the tiny KL's latent space."""
     raw = load_raw("fm_digits_tiny.json")

@@ -61,6 +61,7 @@ def test_a_read_only_out_is_exit_2(tmp_path, capsys, monkeypatch, cli):
     assert str(ro / "run") in line and "Read-only file system" in line
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_a_file_too_large_while_saving_a_checkpoint_is_exit_1(tmp_path):
     """RLIMIT_FSIZE makes every write past 256 KiB fail with EFBIG, as a full quota does: the 1.3 MB model file
     of the first checkpoint cannot be written."""
@@ -77,6 +78,7 @@ def test_a_file_too_large_while_saving_a_checkpoint_is_exit_1(tmp_path):
     assert not [p for p in (out / "checkpoints").glob("step_*")]
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_a_full_disk_mid_run_is_exit_1_naming_the_run_directory(tmp_path, capsys, monkeypatch):
     from runtime.tracking import Tracker
 
@@ -105,6 +107,7 @@ def test_a_file_too_large_while_caching_is_exit_1_naming_the_shard(tmp_path, cap
     assert not [p for p in out.iterdir() if p.name.startswith(".shard")]  # no partial shard left
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_a_run_whose_every_step_is_non_finite_is_exit_1(tmp_path, capsys, monkeypatch):
     from zoo.objectives.flow_matching import FlowMatching
 

@@ -32,6 +32,7 @@ def test_fit_separates_what_is_separable_and_nothing_else(monkeypatch, separable
     assert expected[0] <= acc <= expected[1]
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_evaluate_cli_probes_a_checkpoint(tmp_path):
     from runtime import evaluate
     from runtime import run as run_cli

@@ -254,6 +254,7 @@ def test_repa_aligns_video_frame_by_frame():
     assert frames[:, 0, 0, 0].tolist() == [1.0, 3.0, 1.0, 3.0]              # centre frame of each token time step
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_repa_refuses_audio_only_and_runs_on_audio_video(tmp_path):
     import json
 

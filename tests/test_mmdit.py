@@ -18,12 +18,7 @@ from zoo.objectives.selfflow import SelfFlowParams
 NV, NA, PV, PA = 8, 6, 12, 20   # video-like tokens (2 frames x 2 x 2) and audio-like tokens, their token dims
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def av_layout() -> TokenLayout:

@@ -377,6 +377,7 @@ def test_efficientnet_without_the_package_names_the_extra(monkeypatch):
 
 
 # ------------------------------------------------------------------------------- digit classifier / runs
+@pytest.mark.slow  # trains through the CLI
 def test_digit_classifier_teacher_and_smoke_run(tmp_path):
     """The spec's own teacher (the digit classifier's 4x4x64 map) and 10 CPU steps through runtime.run."""
     from zoo.teachers.digit_classifier import DigitClassifierTeacher, DigitClassifierTeacherParams
@@ -394,6 +395,7 @@ def test_digit_classifier_teacher_and_smoke_run(tmp_path):
     assert Path(out / "checkpoints").is_dir()
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_sampling_a_repa_checkpoint_needs_no_encoder_file(tmp_path):
     """The frozen encoders serve training only: a REPA run whose encoder file is gone still samples."""
     import json as _json

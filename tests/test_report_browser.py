@@ -171,6 +171,7 @@ def _region_std(shot: Image.Image, rect: list) -> float:
     return float(np.asarray(shot.crop((x + 2, y + 2, x + w - 2, y + h - 2)), dtype=np.float64).std())
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_report_plays_in_chromium(av_run, served, browser, tmp_path):
     t0 = time.perf_counter()
     cdp = browser

@@ -61,6 +61,7 @@ def err_lines(capsys) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ item 1
+@pytest.mark.slow  # trains through the CLI
 def test_a_planted_pickle_runs_in_none_of_the_five_paths(base, tmp_path, monkeypatch, capsys):
     from zoo.metrics import classifier as clf
 
@@ -94,6 +95,7 @@ def test_a_planted_pickle_runs_in_none_of_the_five_paths(base, tmp_path, monkeyp
 
 
 # ------------------------------------------------------------------------------------ items 3, 6
+@pytest.mark.slow  # trains through the CLI
 def test_resume_auto_skips_a_damaged_checkpoint_names_it_and_reproduces_the_run(base, tmp_path, capsys):
     spec, run, _, ck4 = copy_run(base, tmp_path)
     garble(ck4 / "optimizer.safetensors")  # same size: only the SHA-256 sees it
@@ -106,6 +108,7 @@ def test_resume_auto_skips_a_damaged_checkpoint_names_it_and_reproduces_the_run(
     verify_checkpoint(ck4)  # rewritten
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_when_no_checkpoint_verifies_resume_auto_refuses_and_touches_nothing(base, tmp_path, capsys):
     spec, run, ck2, ck4 = copy_run(base, tmp_path)
     garble(ck2 / "state.json")
@@ -151,6 +154,7 @@ def test_tensors_that_do_not_fit_are_skipped_by_auto_and_refused_by_path(base, t
     assert plan(str(run), tmp_path / "new", s).path == ck2  # --resume RUN_DIR: its newest that verifies
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_resume_run_dir_is_its_newest_checkpoint(base, tmp_path, capsys):
     spec, run, _, _ = copy_run(base, tmp_path)
     assert run_cli.main([spec, "--out", str(tmp_path / "new"), "--resume", str(run)]) == 0
@@ -160,6 +164,7 @@ def test_resume_run_dir_is_its_newest_checkpoint(base, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ item 2a
 @pytest.mark.parametrize("bad", ["lr_1e12", "lr_inf", "weight_decay_1e30"])
+@pytest.mark.slow  # trains through the CLI
 def test_a_bad_update_stops_the_run_before_any_checkpoint_holds_it(base, tmp_path, capsys, monkeypatch, bad):
     from runtime.optim import LearningRate
 
@@ -188,6 +193,7 @@ def test_a_bad_update_stops_the_run_before_any_checkpoint_holds_it(base, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------- item 4
+@pytest.mark.slow  # trains through the CLI
 def test_a_second_process_in_a_run_directory_in_use_exits_2_naming_the_holder(base, tmp_path, capsys):
     spec, run, _, _ = copy_run(base, tmp_path)
     code = ("import sys, time; from runtime.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
@@ -223,6 +229,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_kill_9_in_a_save_then_resume_auto_takes_over_the_lock_and_reproduces_the_run(base, tmp_path, capsys):
     spec, src = base
     run = tmp_path / "run"
@@ -258,6 +265,7 @@ def test_names_and_outs_that_leave_the_run_directory_are_refused(tmp_path, monke
     (["backbone.hidden=96"], "backbone.hidden"), (["backbone.depth=3"], "backbone.depth"),
     (['objective.timesteps={"type": "logit_normal"}'], "objective.timesteps"), (["train.seed=1"], "train.seed"),
     (["data.length=256"], "data.length"), (["train.batch_size=12"], "train.batch_size")])
+@pytest.mark.slow  # trains through the CLI
 def test_a_spec_change_that_cannot_resume_is_refused_with_its_paths(base, tmp_path, capsys, sets, path):
     spec, run, _, _ = copy_run(base, tmp_path)
     capsys.readouterr()

@@ -87,6 +87,7 @@ def test_sample_options_not_given_keep_the_specs_solver(finished_run, tmp_path, 
     assert sample_cli.solver_override(saved, "euler_maruyama", None) == {"type": "euler_maruyama"}  # own defaults
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_end_of_run_says_what_it_does_and_where_the_classifier_is(tmp_path, monkeypatch, capsys):
     """Sampling, evaluation and the digit classifier's cache are announced (the classifier is faked: no training)."""
     from zoo.metrics import classifier as clf
@@ -113,6 +114,7 @@ def test_end_of_run_says_what_it_does_and_where_the_classifier_is(tmp_path, monk
     assert f"digit classifier: loaded {path}\n" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_existing_run_dir_needs_resume(finished_run, tmp_path):
     spec = write_spec(tmp_path)
     assert run_cli.main([str(spec), "--out", str(finished_run)]) == 2
@@ -123,6 +125,7 @@ class _Interrupt(Exception):
 
 
 @pytest.mark.parametrize("interrupt_at", [4, 5])
+@pytest.mark.slow  # trains through the CLI
 def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, monkeypatch, interrupt_at):
     spec = write_spec(tmp_path)
     full = tmp_path / "full"
@@ -191,6 +194,7 @@ def zoo_data(spec):
     return DATASETS.build(spec.data, split="train")
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_skips_are_counted_and_too_many_stop_the_run(tmp_path, monkeypatch):
     spec = write_spec(tmp_path)
     out = tmp_path / "run"
@@ -233,6 +237,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         assert b[s] == pytest.approx(a[s], rel=1e-5), (s, a[s], b[s])
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_resuming_a_finished_run_changes_nothing(finished_run, tmp_path, capsys):
     before = (finished_run / "metrics.jsonl").read_bytes()
     spec = write_spec(tmp_path, eval={"at_end": True, "num_samples": 20, "metrics": [{"type": "class_accuracy"}]})
@@ -241,6 +246,7 @@ def test_resuming_a_finished_run_changes_nothing(finished_run, tmp_path, capsys)
     assert (finished_run / "metrics.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_fresh_start_drops_lines_of_a_run_that_died_before_its_first_checkpoint(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -27,12 +27,7 @@ P, NCLS, GRID = 8, 3, (4, 4)
 N = GRID[0] * GRID[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -126,14 +126,6 @@ class LatentShardsParams(DataParams):
         """Stored latent shape of one item, e.g. ``(4, 32, 32)`` (from the manifest)."""
         return _shape(self.manifest()["latent_shape"])
 
-    def latent_stats(self) -> dict[str, Any]:
-        """The manifest's ``stats``: ``{"source", "mean", "std"}`` (per stream under ``"streams"``)."""
-        return self.manifest()["stats"]
-
-    def latent_identity(self) -> dict[str, Any]:
-        """The identity of the autoencoder that made the cache (:func:`storage.latent_cache.autoencoder_identity`)."""
-        return self.manifest()["identity"]
-
     def stream_rates(self) -> Any:
         return self.source.stream_rates() if self.source is not None else None
 

@@ -116,11 +116,12 @@ class REPAParams(ZooParams):
                    f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
 
     def warnings(self, spec: Any) -> Iterable[str]:
+        """Advice printed by ``runtime.run``: audio tokens without an encoder; encoders whose feature grid is
+        resampled to the token grid."""
         names = tuple(spec.modality.segment_names)
         if "audio" in names:
             yield ("the audio tokens carry no REPA loss: no audio encoder is registered; the video tokens are aligned "
                    "frame by frame")
-        """Advice printed by ``runtime.run``: encoders whose feature grid is resampled to the token grid."""
         grid = _token_grid(spec)
         for name in self.encoders:
             tp = spec.teachers.get(name)
