@@ -266,3 +266,19 @@ def test_mmdit_unknown_field_points_at_its_block_counts():
     raw["backbone"] = {**load_raw("selfflow_av.json")["backbone"], "hiden": 3}
     with pytest.raises(SpecError, match="backbone.hiden: unknown field; did you mean 'hidden'"):
         validate(raw)
+
+
+def test_imagenet_recipes_differ_only_where_the_papers_do():
+    """SiT (7M steps, no clipping), REPA and Self-Flow (4M steps, clip 1; REPA samples the VAE posterior and reads
+    raw images for its encoder): every other training and data setting is shared. ``precision: auto`` is bf16
+    autocast on the GPUs these recipes need (Self-Flow's README: bf16; REPA's fp16 has no setting here)."""
+    fm, sf, repa = (load_raw(f"{n}_imagenet256_xl2.json") for n in ("fm", "selfflow", "repa"))
+    papers = {"train": {"steps", "grad_clip"}, "data": {"sample_posterior", "raw"}}
+    for section, allowed in papers.items():
+        for other in (sf, repa):
+            keys = set(fm[section]) | set(other[section])
+            differ = {k for k in keys if fm[section].get(k) != other[section].get(k)}
+            assert differ <= allowed, (other["name"], section, differ - allowed)
+    assert sf["train"] == repa["train"] and fm["train"]["precision"] == "auto"
+    for section in set(fm) - {"name", "objective", "teachers", "train", "data", "$schema"}:
+        assert fm[section] == sf[section] == repa[section], section
