@@ -178,12 +178,14 @@ def test_classifier_fd_metric(classifier, data_params, real):
 @pytest.mark.parametrize("params", [ClassAccuracyMetricParams(type="class_accuracy"),
                                     ClassifierFDMetricParams(type="classifier_fd")])
 def test_metric_problems_need_digits(params):
-    spec = SimpleNamespace(data=SimpleNamespace(type="image_folder", num_classes=3))
+    other = SimpleNamespace(type="image_folder", num_classes=3)
+    other.data_space = lambda: other  # the DataParams hook: image folders are their own data space
+    spec = SimpleNamespace(data=other)
     probs = list(params.problems(spec))
     assert len(probs) == 1 and probs[0][0] == "eval.metrics" and "needs data.type 'digits'" in probs[0][1]
     assert list(params.problems(SimpleNamespace(data=DigitsDataParams(type="digits", preset="tiny")))) == []
     with pytest.raises(ValueError, match="digits"):
-        METRICS.build(params, data_params=SimpleNamespace(type="image_folder"), device=torch.device("cpu"))
+        METRICS.build(params, data_params=other, device=torch.device("cpu"))
 
 
 def test_training_under_inference_mode_and_low_accuracy_warning(tmp_path, monkeypatch):

@@ -425,7 +425,7 @@ def test_specs_and_flops():
     o = xl.objective
     assert (o.type, o.timesteps.type, o.mask.type, o.mask.ratio, o.gamma, o.projector) == \
            ("selfflow", "uniform", "bernoulli", 0.25, 0.8, "mlp2")
-    assert (xl.train.steps, xl.train.ema.decay, xl.train.grad_clip, xl.train.precision) == (4_000_000, 0.9999, 1.0, "bf16")
+    assert (xl.train.steps, xl.train.ema.decay, xl.train.grad_clip, xl.train.precision) == (4_000_000, 0.9999, 1.0, "auto")
     assert (xl.solver.type, xl.solver.steps, xl.sample.cfg_scale) == ("euler_maruyama", 250, 1.0)
     fm, sf = load_raw("fm_digits_tiny.json"), load_raw("selfflow_digits_tiny.json")
     for raw in (sf, load_raw("sra_digits_tiny.json")):
