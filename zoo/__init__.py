@@ -24,6 +24,7 @@ _BUILTINS = [
     "zoo.autoencoders.streams",
     "zoo.autoencoders.diffusers_ae",
     "zoo.autoencoders.conv_vae",
+    "zoo.autoencoders.clip_vae",
     "zoo.modalities.image",
     "zoo.modalities.media",
     "zoo.data.digits",
