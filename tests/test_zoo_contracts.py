@@ -73,6 +73,13 @@ def _vae_run(tmp: Path, tag: str) -> dict:
     return vae_run_fields(tmp, tag)
 
 
+def _clip_export(tmp: Path) -> Path:
+    """An exported ``clip_vae`` (random weights, tiny preset) for clips ``(1, 2, 8, 8)``."""
+    from tests.test_clip_vae import random_export
+
+    return random_export(tmp / "clip_vae")
+
+
 REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag (or "kind:tag") -> fields an entry cannot exist without
     "latent_shards": _latent_cache,
     "image_folder": _image_folder,
@@ -86,6 +93,7 @@ REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag (or "kind:tag") -> fields
     "vit": lambda tmp: {"weights": None},
     "autoencoder:conv_vae": lambda tmp: _vae_run(tmp, "conv_vae"),  # the backbones of the same tags need nothing
     "autoencoder:conv_vae_1d": lambda tmp: _vae_run(tmp, "conv_vae_1d"),
+    "autoencoder:clip_vae": lambda tmp: {"path": str(_clip_export(tmp))},
     "streams": lambda tmp: {"parts": {"video": {"type": "identity"}, "audio": {"type": "stft", "n_fft": 32}}},  # random init: allowed for tests only (specs must name a file)
 }
 
@@ -97,6 +105,7 @@ AUTOENCODER_INPUT: dict[str, Any] = {    # tag -> input shape (default (3, 16, 1
     "stft": (1, 256),
     "spectrogram": (1, 256),
     "conv_vae_1d": (1, 256),
+    "clip_vae": (1, 2, 8, 8),
     "streams": {"video": (1, 4, 8, 8), "audio": (1, 256)},
 }
 MODALITY_EXAMPLE: dict[str, Callable[[], dict]] = {  # tag -> build deps (default backbone_patch=2, latent (3, 8, 12))
@@ -152,10 +161,16 @@ OBJECTIVE_STUDENT: dict[str, Callable[[], torch.nn.Module]] = {  # tag -> the st
 }
 
 
+BACKBONE_GRID: dict[str, tuple[int, ...]] = {  # tag -> its 16-token grid (default (4, 4)); token_dim is 8
+    "clip_vae": (1, 4, 4),  # the tiny 3-D VAE: one clip of (1, 2, 8, 8), patch 2 x 2 x 2
+}
+
+
 @pytest.mark.parametrize("tag", entries(BACKBONES))
 def test_backbone_contract(tag, tmp_path):
     torch.manual_seed(0)
-    net = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=(4, 4), num_classes=3)
+    grid = BACKBONE_GRID.get(tag, (4, 4))
+    net = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=grid, num_classes=3)
     assert isinstance(net, protocols.Backbone) and net.null_label == 3
     # zero-initialised output layers (adaLN-Zero) would make every check below hold for any weights: perturb first
     with torch.no_grad():
@@ -171,10 +186,10 @@ def test_backbone_contract(tag, tmp_path):
     trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
     no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad, f"parameters without gradient: {no_grad}"
-    twin = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=(4, 4), num_classes=3)
+    twin = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=grid, num_classes=3)
     twin.load_state_dict(net.state_dict())
     assert torch.equal(twin(x, t, y).pred, net(x, t, y).pred)
-    fresh = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=(4, 4), num_classes=3)
+    fresh = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=grid, num_classes=3)
     assert not torch.equal(fresh(x, t, y).pred, net(x, t, y).pred)  # the twin check can tell weights apart
     assert net.flops(16) > 0
 

@@ -50,7 +50,7 @@ LOGVAR_RANGE = (-30.0, 20.0)
 
 # --------------------------------------------------------------------------------------------- network
 def _conv(dims: int) -> type[nn.Module]:
-    return nn.Conv2d if dims == 2 else nn.Conv1d
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
 
 
 class ResBlock(nn.Module):

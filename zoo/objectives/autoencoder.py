@@ -9,7 +9,7 @@ For data ``x`` ``(B, C, *S)`` in [-1, 1] (``TokenBatch.raw``; ``needs_raw``)::
     rec  = mean |x_rec - x|  (l1)  or  mean (x_rec - x)^2  (mse)
     KL   = mean over elements of 0.5 * (mean^2 + exp(logvar) - 1 - logvar)      # KL(N(mean, var) || N(0, 1))
     perc = mean (phi(x_rec) - phi(x))^2, phi = a spec teacher's features (e.g. the digit classifier's last
-           conv map), images only
+           conv map) of the image, or of every frame of a video clip
 
 Metrics: ``loss_rec``, ``loss_kl``, ``loss_perc`` (when used) and ``psnr`` = 10 log10(2^2 / mse) (peak-to-peak 2).
 
@@ -33,7 +33,7 @@ from zoo.core.params import ZooParams
 from zoo.core.protocols import ObjectiveModule
 from zoo.core.types import LossOut, StepContext, TokenBatch
 
-VAE_BACKBONES = ("conv_vae", "conv_vae_1d")
+VAE_BACKBONES = ("conv_vae", "conv_vae_1d", "clip_vae")
 
 
 def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
@@ -61,7 +61,7 @@ class AutoencoderObjectiveParams(ZooParams):
                                                           "KL (+ perceptual) on the data (autoencoder identity).")
     reconstruction: Literal["l1", "mse"] = Field("l1", description="Reconstruction distance (mean over elements).")
     kl_weight: float = Field(1e-4, ge=0, description="Weight of the KL to N(0, 1), mean over latent elements.")
-    perceptual_weight: float = Field(0.0, ge=0, description="Weight of the feature distance of a teacher (images only).")
+    perceptual_weight: float = Field(0.0, ge=0, description="Weight of the feature distance of a teacher (images or video frames).")
     perceptual_teacher: str | None = Field(None, description="Name under `teachers` whose features give the perceptual "
                                                              "term (e.g. the digit `classifier`); null = none.")
     sample_posterior: bool = Field(True, description="Decode a posterior sample (reparameterised) during training; "
@@ -73,9 +73,10 @@ class AutoencoderObjectiveParams(ZooParams):
                                     f"got {spec.backbone.type!r}")
         if self.perceptual_weight > 0:
             shape = spec.data.sample_shape()
-            if isinstance(shape, dict) or len(tuple(shape)) != 3:
-                yield "objective.perceptual_weight", (f"the perceptual term compares image features; the data give "
-                                                      f"{shape} (audio has no perceptual teacher: set it to 0)")
+            if isinstance(shape, dict) or len(tuple(shape)) not in (3, 4):
+                yield "objective.perceptual_weight", (f"the perceptual term compares image (or video frame) features; "
+                                                      f"the data give {shape} (audio has no perceptual teacher: set "
+                                                      f"it to 0)")
             elif self.perceptual_teacher is None:
                 yield "objective.perceptual_teacher", "perceptual_weight > 0 needs a teacher name (under `teachers`)"
         if self.perceptual_teacher is not None and self.perceptual_teacher not in spec.teachers:
@@ -124,6 +125,8 @@ class AutoencoderObjective(ObjectiveModule):
         teacher = self.teachers.get(self.params.perceptual_teacher or "")
         if teacher is None:
             raise ValueError(f"objective 'autoencoder': teacher {self.params.perceptual_teacher!r} is not loaded")
+        if x.dim() == 5:  # video (B, C, T, H, W): features of every frame
+            rec, x = (v.transpose(1, 2).flatten(0, 1) for v in (rec, x))
         with torch.no_grad():
             target = teacher.features(x).float()
         return F.mse_loss(teacher.features(rec.float()).float(), target)

@@ -61,15 +61,18 @@ class DigitClassifierTeacher(nn.Module):
 
     Args:
         params: :class:`DigitClassifierTeacherParams`.
-        input_shape: one digits sample ``(C, S, S)``.
+        input_shape: one digits sample ``(C, S, S)``, or a clip ``(C, T, S, S)`` whose frames ``features`` gets.
     """
 
     Params = DigitClassifierTeacherParams
 
     def __init__(self, params: DigitClassifierTeacherParams, input_shape: tuple[int, ...] | None = None, **deps: Any):
         super().__init__()
+        if input_shape is not None and len(input_shape) == 4:  # a clip (C, T, S, S): features of its frames
+            input_shape = (input_shape[0], *input_shape[2:])
         if input_shape is None or len(input_shape) != 3 or input_shape[1] != input_shape[2]:
-            raise ValueError(f"teacher 'classifier' needs square digit images input_shape (C, S, S); got {input_shape}")
+            raise ValueError(f"teacher 'classifier' needs square digit images input_shape (C, S, S) or clips "
+                             f"(C, T, S, S); got {input_shape}")
         c, s, _ = (int(v) for v in input_shape)
         self.params, self.input_shape = params, (c, s, s)
         self.feature_dim = params.feature_dim

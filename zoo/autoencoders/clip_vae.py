@@ -1,0 +1,317 @@
+"""``clip_vae``: a 3-D convolutional VAE that folds a short video clip ``(C, T, H, W)`` into a small latent
+``(z, T / dt, H / dh, W / dw)`` — with ``dt = T`` the whole clip's time goes into the channels, so one latent
+position describes its patch of the frame over the entire clip and a flow model on the latent cannot draw
+different shapes in different frames (the decoder renders the motion).
+
+Network (GroupNorm + SiLU 3-D residual blocks, no attention); level ``i`` has a stride ``s_i`` (time, height,
+width) and a width ``c_i``::
+
+    encoder: per level: Conv3d(kernel = stride = s_i, -> c_i), res_blocks x ResBlock(c_i);
+             mid_blocks x ResBlock; GroupNorm, SiLU, 1x1x1 conv (-> 2 z)           = posterior (mean, logvar)
+    decoder: 1x1x1 conv (z -> c_last), mid_blocks x ResBlock; per level (reversed): res_blocks x ResBlock(c_i),
+             [GroupNorm, SiLU on the last] ConvTranspose3d(kernel = stride = s_i, -> c_{i-1} or C)
+
+``downsample = prod_i s_i`` per axis. Two entries share the network:
+
+* backbone ``clip_vae`` — trained by objective ``autoencoder`` on one video stream (``autoencoder: identity``,
+  modality ``video`` whose ``patch`` is the downsample, so tokens and latent positions coincide);
+* autoencoder ``clip_vae`` — the frozen network for flow specs, loaded from an exported directory
+  (``python -m runtime.export_autoencoder RUN DIR``): ``config.json`` (the architecture, the sample shape it was
+  trained on, the per-channel latent mean/std, the SHA-256 of the weights) and ``model.safetensors``. Nothing in
+  it executes code; a weights file whose hash differs from the config's is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from registry.kinds import AUTOENCODERS, BACKBONES
+from zoo.autoencoders.base import AutoencoderModule
+from zoo.autoencoders.conv_vae import LOGVAR_RANGE, ResBlock
+from zoo.core.params import AutoencoderParams, ZooParams
+from zoo.core.types import BackboneOut
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+
+
+class ClipVAENet(nn.Module):
+    """``encode_moments(x (B, C, T, H, W)) -> (mean, logvar)`` each ``(B, z, T/dt, H/dh, W/dw)``;
+    ``decode(z) -> (B, C, T, H, W)`` (not clamped)."""
+
+    def __init__(self, in_channels: int, strides: list[tuple[int, int, int]], channels: list[int],
+                 latent_channels: int, res_blocks: int, mid_blocks: int, groups: int):
+        super().__init__()
+        self.downsample = tuple(math.prod(s[a] for s in strides) for a in range(3))
+        enc: list[nn.Module] = []
+        c_prev = in_channels
+        for s, c in zip(strides, channels):
+            enc.append(nn.Conv3d(c_prev, c, s, stride=s))
+            enc += [ResBlock(c, c, groups, 3) for _ in range(res_blocks)]
+            c_prev = c
+        enc += [ResBlock(c_prev, c_prev, groups, 3) for _ in range(mid_blocks)]
+        enc += [nn.GroupNorm(math.gcd(groups, c_prev), c_prev), nn.SiLU(), nn.Conv3d(c_prev, 2 * latent_channels, 1)]
+        dec: list[nn.Module] = [nn.Conv3d(latent_channels, c_prev, 1)]
+        dec += [ResBlock(c_prev, c_prev, groups, 3) for _ in range(mid_blocks)]
+        for i in reversed(range(len(strides))):
+            c = channels[i]
+            dec += [ResBlock(c, c, groups, 3) for _ in range(res_blocks)]
+            c_out = channels[i - 1] if i > 0 else in_channels
+            if i == 0:
+                dec += [nn.GroupNorm(math.gcd(groups, c), c), nn.SiLU()]
+            dec.append(nn.ConvTranspose3d(c, c_out, strides[i], stride=strides[i]))
+        self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+
+    def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, C, T, H, W)`` -> posterior ``(mean, logvar)``; logvar clamped to a safe range."""
+        if x.dim() != 5 or any(s % d for s, d in zip(x.shape[2:], self.downsample)):
+            raise ValueError(f"clip_vae: expected (B, C, T, H, W) with (T, H, W) divisible by {self.downsample}; "
+                             f"got {tuple(x.shape)}")
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """``(B, z, T', H', W')`` -> ``(B, C, T' dt, H' dh, W' dw)``."""
+        return self.decoder(z)
+
+    def conv_macs(self, data_positions: float) -> float:
+        """Multiply-accumulates of encoder + decoder for one clip of ``data_positions`` = T H W positions."""
+        total, pos = 0.0, float(data_positions)
+        for m in self.encoder:
+            if isinstance(m, nn.Conv3d) and m.stride != (1, 1, 1):
+                pos /= math.prod(m.stride)
+            total += sum(c.weight.numel() for c in m.modules() if isinstance(c, nn.Conv3d)) * pos
+        for m in self.decoder:
+            total += sum(c.weight.numel() for c in m.modules() if isinstance(c, (nn.Conv3d, nn.ConvTranspose3d))) * pos
+            if isinstance(m, nn.ConvTranspose3d):
+                pos *= math.prod(m.stride)
+        return total
+
+
+# -------------------------------------------------------------------------------------------- backbone
+class ClipVAEParams(ZooParams):
+    """3-D convolutional VAE on video clips, trained with objective ``autoencoder``."""
+
+    type: Literal["clip_vae"] = Field(..., description="3-D conv VAE folding a video clip (C, T, H, W) into a small "
+                                                       "latent; objective autoencoder.")
+    strides: list[tuple[int, int, int]] = Field(
+        [(2, 2, 2), (1, 2, 2), (4, 1, 1)], min_length=1,
+        description="Per level (time, height, width) stride of its down/up convolution; downsample = product.")
+    channels: list[int] = Field([32, 64, 64], min_length=1, description="Width of each level.")
+    latent_channels: int = Field(16, gt=0, description="Latent channels z (the flow model's C).")
+    res_blocks: int = Field(1, ge=0, description="Residual blocks per level (encoder and decoder).")
+    mid_blocks: int = Field(1, ge=0, description="Residual blocks at the latent resolution (encoder and decoder).")
+    groups: int = Field(8, gt=0, description="GroupNorm groups (gcd with each width).")
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {"strides": [(2, 2, 2)], "channels": [8],
+                                                             "latent_channels": 2, "groups": 4}}
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClipVAEParams":
+        if len(self.strides) != len(self.channels):
+            raise ValueError(f"strides has {len(self.strides)} levels, channels {len(self.channels)}: give one "
+                             f"width per level")
+        if any(s <= 0 for st in self.strides for s in st) or any(c <= 0 for c in self.channels):
+            raise ValueError(f"strides and channels must be positive; got {self.strides}, {self.channels}")
+        return self
+
+    @property
+    def downsample(self) -> tuple[int, int, int]:
+        """Data positions per latent position along (time, height, width)."""
+        return tuple(math.prod(s[a] for s in self.strides) for a in range(3))
+
+    def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
+        """Trains on data space: identity autoencoder, one video stream, sizes divisible, patch = downsample."""
+        if spec.autoencoder.type != "identity":
+            yield "autoencoder.type", "backbone 'clip_vae' is trained on the data itself: use autoencoder identity"
+        shape = spec.data.sample_shape()
+        if isinstance(shape, dict) or len(tuple(shape)) != 4:
+            yield "data", f"backbone 'clip_vae' needs one video stream (C, T, H, W); the data give {shape}"
+            return
+        if any(int(s) % d for s, d in zip(tuple(shape)[1:], self.downsample)):
+            yield "backbone.strides", f"downsample {self.downsample} does not divide the clip size {tuple(shape)[1:]}"
+        if tuple(getattr(spec.modality, "patch", None) or ()) != self.downsample:
+            yield "modality.patch", f"set it to the downsample {list(self.downsample)} (tokens = latent positions)"
+
+
+@BACKBONES.register
+class ClipVAE(nn.Module):
+    """The VAE as a backbone. deps: ``token_dim = C dt dh dw``, ``grid`` = latent grid ``(T', H', W')``.
+
+    ``forward(x (B, N, P), t, y, taps, stop_after)``: video tokens -> clip -> posterior mean (``features[1]``
+    ``(B, N, z)``) -> decoded tokens ``(B, N, P)``; ``t`` and ``y`` are ignored (the objective works on the data
+    with ``encode_moments`` / ``decode``).
+    """
+
+    Params = ClipVAEParams
+
+    def __init__(self, params: ClipVAEParams, *, token_dim: int, grid: tuple[int, ...], num_classes: int = 0,
+                 **deps: Any):
+        super().__init__()
+        d = params.downsample
+        if len(grid) != 3 or token_dim % math.prod(d):
+            raise ValueError(f"clip_vae: needs a 3-D token grid with token_dim divisible by {math.prod(d)}; got grid "
+                             f"{tuple(grid)}, token_dim {token_dim}")
+        self.params, self.patch, self.grid = params, d, tuple(int(g) for g in grid)
+        self.in_channels = token_dim // math.prod(d)
+        self.hidden, self.depth, self.null_label, self.token_dim = params.latent_channels, 1, int(num_classes), token_dim
+        self.net = ClipVAENet(self.in_channels, [tuple(s) for s in params.strides], list(params.channels),
+                              params.latent_channels, params.res_blocks, params.mid_blocks, params.groups)
+
+    def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.net.encode_moments(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.net.decode(z)
+
+    def tokens_to_data(self, tokens: Tensor) -> Tensor:
+        """``(B, N, P)`` in the video modality's order ((dt, dh, dw, c), channel fastest) -> ``(B, C, T, H, W)``."""
+        (t, h, w), (pt, ph, pw), b, c = self.grid, self.patch, tokens.shape[0], self.in_channels
+        x = tokens.reshape(b, t, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, c, t * pt, h * ph, w * pw)
+
+    def data_to_tokens(self, x: Tensor) -> Tensor:
+        """``(B, c, T' pt, H' ph, W' pw)`` -> ``(B, N, pt ph pw c)``; a latent (patch 1) gives ``(B, N, z)``."""
+        (t, h, w), b, c = self.grid, x.shape[0], x.shape[1]
+        pt, ph, pw = x.shape[2] // t, x.shape[3] // h, x.shape[4] // w
+        x = x.reshape(b, c, t, pt, h, ph, w, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
+        return x.reshape(b, t * h * w, pt * ph * pw * c)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, taps: tuple[int, ...] = (),
+                stop_after: int | None = None, attn_mask: Tensor | None = None) -> BackboneOut:
+        bad = [k for k in taps if int(k) != 1] + ([stop_after] if stop_after not in (None, 1) else [])
+        if bad:
+            raise ValueError(f"clip_vae: taps / stop_after must be 1 (the encoder); got {bad}")
+        mean, _ = self.encode_moments(self.tokens_to_data(x))
+        feats = {1: self.data_to_tokens(mean)} if 1 in [int(k) for k in taps] else {}
+        pred = None if stop_after == 1 else self.data_to_tokens(self.decode(mean))
+        return BackboneOut(pred, feats)
+
+    def flops(self, num_tokens: int) -> float:
+        """Encoder + decoder forward FLOPs for one clip of ``num_tokens`` latent positions (convs only)."""
+        return 2.0 * self.net.conv_macs(int(num_tokens) * math.prod(self.patch))
+
+
+# ------------------------------------------------------------------------------ frozen exported network
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_export(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of an exported ``clip_vae`` directory, checked for the fields the loader needs;
+    FileNotFoundError / ValueError naming the file and the field."""
+    f = Path(path) / CONFIG
+    if not f.is_file() or not (Path(path) / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path}: not an exported clip_vae (needs {CONFIG} and {WEIGHTS}; write one with "
+                                f"`python -m runtime.export_autoencoder RUN {path}`)")
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: unreadable JSON ({e})") from None
+    for key in ("backbone", "sample_shape", "latent_mean", "latent_std", "sha256"):
+        if key not in cfg:
+            raise ValueError(f"{f}: missing field {key!r}")
+    z = ClipVAEParams.model_validate(cfg["backbone"]).latent_channels
+    for key in ("latent_mean", "latent_std"):
+        if len(cfg[key]) != z:
+            raise ValueError(f"{f}: {key} has {len(cfg[key])} values, the network has {z} latent channels")
+    if any(s <= 0 for s in cfg["latent_std"]):
+        raise ValueError(f"{f}: latent_std must be positive")
+    return cfg
+
+
+class ClipVAEAutoencoderParams(AutoencoderParams):
+    """An exported ``clip_vae`` as the frozen video autoencoder."""
+
+    type: Literal["clip_vae"] = Field(..., description="A trained clip_vae exported with runtime.export_autoencoder.")
+    path: str = Field(..., description="Exported directory (config.json + model.safetensors), relative to the "
+                                       "working directory or absolute.")
+
+    @field_validator("path")
+    @classmethod
+    def _exported(cls, v: str) -> str:
+        try:
+            read_export(v)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    def _cfg(self) -> dict[str, Any]:
+        return read_export(self.path)
+
+    def latent_shape(self, input_shape: Any) -> tuple[int, ...]:
+        """``(C, T, H, W)`` -> ``(z, T/dt, H/dh, W/dw)``; ValueError when the shape is not the trained one."""
+        cfg = self._cfg()
+        shape = tuple(int(s) for s in input_shape)
+        if shape != tuple(cfg["sample_shape"]):
+            raise ValueError(f"clip_vae {self.path} was trained on clips {tuple(cfg['sample_shape'])}; the data "
+                             f"give {shape}")
+        p = ClipVAEParams.model_validate(cfg["backbone"])
+        return (p.latent_channels, *(s // d for s, d in zip(shape[1:], p.downsample)))
+
+    def time_stride(self, input_shape: Any) -> int:
+        """Frames per latent time step."""
+        return ClipVAEParams.model_validate(self._cfg()["backbone"]).downsample[0]
+
+
+@AUTOENCODERS.register
+class ClipVAEAutoencoder(AutoencoderModule):
+    """Frozen exported VAE: ``encode`` ``(B, C, T, H, W)`` -> normalised posterior mean ``(B, z, T', H', W')``,
+    ``decode`` the inverse; ``moments`` / ``decode_raw`` / ``published_stats`` in raw units."""
+
+    Params = ClipVAEAutoencoderParams
+
+    def __init__(self, params: ClipVAEAutoencoderParams):
+        super().__init__()
+        cfg = read_export(params.path)
+        weights = Path(params.path) / WEIGHTS
+        if sha256_file(weights) != cfg["sha256"]:
+            raise ValueError(f"{weights}: SHA-256 differs from {CONFIG}'s (the file changed after export)")
+        bp = ClipVAEParams.model_validate(cfg["backbone"])
+        c = int(cfg["sample_shape"][0])
+        self.params = params
+        self.net = ClipVAENet(c, [tuple(s) for s in bp.strides], list(bp.channels), bp.latent_channels,
+                              bp.res_blocks, bp.mid_blocks, bp.groups)
+        try:
+            self.net.load_state_dict(load_file(weights))
+        except RuntimeError as e:
+            raise ValueError(f"{weights}: does not match the architecture in {CONFIG} ({str(e).splitlines()[0]})") from None
+        self.eval().requires_grad_(False)
+        self.register_buffer("shift", torch.tensor(cfg["latent_mean"]).float(), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["latent_std"]).float(), persistent=False)
+
+    def published_stats(self) -> tuple[list[float], list[float]]:
+        return self.shift.tolist(), self.std.tolist()
+
+    def _view(self, v: Tensor, z: Tensor) -> Tensor:
+        return v.to(z).view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, C, T, H, W)`` -> raw posterior ``(mean, logvar)``."""
+        return self.net.encode_moments(x.float())
+
+    @torch.no_grad()
+    def decode_raw(self, z: Tensor) -> Tensor:
+        return self.net.decode(z.float())
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        mean, _ = self.moments(x)
+        return (mean - self._view(self.shift, mean)) / self._view(self.std, mean)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decode_raw(z.float() * self._view(self.std, z) + self._view(self.shift, z))
