@@ -42,3 +42,33 @@ class SpecError(Exception):
 
     def lines(self) -> list[str]:
         return [f"{path or '<root>'}: {msg}" for path, msg in self.problems]
+
+
+class Root(str):
+    """A JSON path from the spec's root, ``Root("data.sample_rate")``: what a component's ``problems`` yields for a
+    fault it finds in another section. A plain ``str`` path is relative to the component ("" = the component)."""
+
+
+class FieldError(ValueError):
+    """A ValueError about one field of a component (raised by ``resolve`` and by checks the runtime repeats):
+    ``path`` is relative to the component ("" = the component itself) or a :class:`Root`; the spec checker
+    prefixes the component's own JSON path."""
+
+    def __init__(self, path: str, message: str):
+        self.path, self.message = path, message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+def join_path(prefix: str, path: str) -> str:
+    """The JSON path of ``path`` inside the object at ``prefix``: ``("teachers.dino", "path")`` ->
+    ``"teachers.dino.path"``, ``("eval.metrics", "[0]")`` -> ``"eval.metrics[0]"``; a :class:`Root` stays as it is."""
+    if isinstance(path, Root) or not prefix:
+        return path  # a Root stays a Root through every level
+    if not path:
+        return prefix
+    return prefix + path if path.startswith("[") else f"{prefix}.{path}"
+
+
+def under(prefix: str, problems: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A component's ``(path, message)`` problems with each relative path placed under ``prefix``."""
+    return [(join_path(prefix, p), m) for p, m in problems]

@@ -7,15 +7,15 @@ import re
 import sys
 from pathlib import Path
 from functools import cache
-from typing import Any, Iterable, get_args
+from typing import Any, Iterable, Iterator, get_args
 
 import pydantic
 
-from registry.errors import SpecError, closest
+from registry.errors import FieldError, SpecError, closest, join_path, under
 from registry.kinds import ALL
 from registry.model import (SECTION_MODELS, EvalSettings, LogSettings, SampleSettings, SpecBase,  # noqa: F401
                             TrainSettings, current, rebuild)
-from registry.params import StreamKeys
+from registry.params import StreamKeys, ZooParams
 
 
 def spec_model() -> type[SpecBase]:
@@ -110,7 +110,8 @@ def problems_from_validation(err: pydantic.ValidationError, raw: Any) -> list[tu
 # ------------------------------------------------------------------------------------ cross-field rules
 def cross_problems(spec: Any) -> list[tuple[str, str]]:
     """Rules spanning sections, checked before any tensor exists. Components add their own through a
-    ``problems(spec) -> Iterable[(json_path, message)]`` method on their params model."""
+    ``problems(spec) -> Iterable[(path, message)]`` method on their params model, at any nesting level (see
+    :func:`component_problems`)."""
     out: list[tuple[str, str]] = []
     tr = spec.train
     if tr.batch_size % tr.grad_accum:
@@ -123,17 +124,42 @@ def cross_problems(spec: Any) -> list[tuple[str, str]]:
         if bad:
             out.append(("sample.labels", f"labels {bad} are outside 0..{ncls - 1}"))
     out += stream_key_problems(spec)
-    for section in RESOLVED_SECTIONS:
-        out += list(_component_problems(getattr(spec, section), spec))
-    for name, teacher in spec.teachers.items():
-        out += [(p or f"teachers.{name}", msg) for p, msg in _component_problems(teacher, spec)]
-    for i, m in enumerate(spec.eval.metrics):
-        out += [(p or f"eval.metrics[{i}]", msg) for p, msg in _component_problems(m, spec)]
+    out += component_problems(spec)
     return list(dict.fromkeys(out))  # two components may see the same fault: say it once
 
 
-def _component_problems(params: Any, spec: Any) -> Iterable[tuple[str, str]]:
-    return params.problems(spec)
+def components(spec: Any) -> Iterator[tuple[str, ZooParams]]:
+    """Every component of the spec with its JSON path, at every nesting level (``autoencoder.parts.audio``,
+    ``teachers.dino``, ``eval.metrics[0]``, ``objective.timesteps``, ``train.lr_schedule``), parents first."""
+
+    def walk(node: Any, path: str) -> Iterator[tuple[str, ZooParams]]:
+        if isinstance(node, ZooParams):
+            yield path, node
+        if isinstance(node, pydantic.BaseModel):
+            for field in type(node).model_fields:
+                yield from walk(getattr(node, field), join_path(path, field))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                yield from walk(value, join_path(path, str(key)))
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                yield from walk(value, join_path(path, f"[{i}]"))
+
+    fields = type(spec).model_fields
+    for section in [*RESOLVED_SECTIONS, "teachers", *(f for f in fields if f not in RESOLVED_SECTIONS + ("teachers",))]:
+        yield from walk(getattr(spec, section), section)
+
+
+def component_problems(spec: Any) -> list[tuple[str, str]]:
+    """Each component's ``problems(spec)`` (paths relative to it, or :class:`Root`) under its JSON path, and what
+    the autoencoder cannot take of the data samples (``input_problems``; a ``streams`` autoencoder passes each
+    part its stream)."""
+    out: list[tuple[str, str]] = []
+    for path, params in components(spec):
+        out += under(path, params.problems(spec))
+        if path == "autoencoder":
+            out += under(path, params.input_problems(spec.data.sample_shape(), spec))
+    return out
 
 
 @cache
@@ -292,9 +318,19 @@ RESOLVED_SECTIONS = ("modality", "data", "autoencoder", "backbone", "objective",
 
 def resolve_defaults(spec: Any) -> Any:
     """Fill defaults that depend on other sections (e.g. Self-Flow's tap blocks from the backbone depth): a
-    component's params ``resolve(spec) -> params`` hook fills them; the resolved spec then holds explicit values."""
-    updates: dict[str, Any] = {section: getattr(spec, section).resolve(spec) for section in RESOLVED_SECTIONS}
-    updates["teachers"] = {k: t.resolve(spec) for k, t in spec.teachers.items()}
+    component's params ``resolve(spec) -> params`` hook fills them; the resolved spec then holds explicit values.
+    A ValueError from a hook is a :class:`SpecError` at the component's path (a :class:`FieldError`: at its field)."""
+
+    def resolved(params: Any, path: str) -> Any:
+        try:
+            return params.resolve(spec)
+        except FieldError as e:
+            raise SpecError([(join_path(path, e.path), e.message)]) from None
+        except ValueError as e:
+            raise SpecError([(path, str(e))]) from None
+
+    updates: dict[str, Any] = {section: resolved(getattr(spec, section), section) for section in RESOLVED_SECTIONS}
+    updates["teachers"] = {k: resolved(t, f"teachers.{k}") for k, t in spec.teachers.items()}
     return spec.model_copy(update=updates)
 
 
@@ -315,11 +351,7 @@ def validate(raw: dict) -> Any:
         spec = spec_model().model_validate(raw)
     except pydantic.ValidationError as e:
         raise SpecError(problems_from_validation(e, raw)) from None
-    try:
-        spec = resolve_defaults(clip_warmup(spec))
-    except ValueError as e:  # a resolve hook that cannot derive a value says why, as "json.path: message"
-        path, sep, msg = str(e).partition(": ")
-        raise SpecError([(path, msg) if sep and " " not in path else ("", str(e))]) from None
+    spec = resolve_defaults(clip_warmup(spec))
     probs = cross_problems(spec)
     if probs:
         raise SpecError(probs)

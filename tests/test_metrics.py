@@ -182,7 +182,7 @@ def test_metric_problems_need_digits(params):
     other.data_space = lambda: other  # the DataParams hook: image folders are their own data space
     spec = SimpleNamespace(data=other)
     probs = list(params.problems(spec))
-    assert len(probs) == 1 and probs[0][0] == "eval.metrics" and "needs data.type 'digits'" in probs[0][1]
+    assert len(probs) == 1 and probs[0][0] == "" and "needs data.type 'digits'" in probs[0][1]
     assert list(params.problems(SimpleNamespace(data=DigitsDataParams(type="digits", preset="tiny")))) == []
     with pytest.raises(ValueError, match="digits"):
         METRICS.build(params, data_params=other, device=torch.device("cpu"))

@@ -99,11 +99,12 @@ class STFTParams(AutoencoderParams):
         """Input samples per latent time step: ``hop``."""
         return self.hop_length
 
-    def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
+    def input_problems(self, input_shape: Any, spec: Any) -> Iterator[tuple[str, str]]:
+        """The clip length of the audio stream (of multi-stream data: its ``audio``) is a multiple of the hop."""
         try:
-            self.latent_shape(_stream_shape(spec.data.sample_shape(), "audio"))
+            self.latent_shape(_stream_shape(input_shape, "audio"))
         except ValueError as e:
-            yield "autoencoder", str(e)
+            yield "", str(e)
 
 
 def _stream_shape(shape: Any, stream: str) -> Any:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from registry.kinds import AUTOENCODERS, BACKBONES
 from zoo.autoencoders.base import AutoencoderModule
 from zoo.autoencoders.conv_vae import LOGVAR_RANGE, ResBlock
-from zoo.core.params import AutoencoderParams, ZooParams
+from zoo.core.params import AutoencoderParams, Root, ZooParams
 from zoo.core.types import BackboneOut
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -131,15 +131,15 @@ class ClipVAEParams(ZooParams):
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
         """Trains on data space: identity autoencoder, one video stream, sizes divisible, patch = downsample."""
         if spec.autoencoder.type != "identity":
-            yield "autoencoder.type", "backbone 'clip_vae' is trained on the data itself: use autoencoder identity"
+            yield Root("autoencoder.type"), "backbone 'clip_vae' is trained on the data itself: use autoencoder identity"
         shape = spec.data.sample_shape()
         if isinstance(shape, dict) or len(tuple(shape)) != 4:
-            yield "data", f"backbone 'clip_vae' needs one video stream (C, T, H, W); the data give {shape}"
+            yield Root("data"), f"backbone 'clip_vae' needs one video stream (C, T, H, W); the data give {shape}"
             return
         if any(int(s) % d for s, d in zip(tuple(shape)[1:], self.downsample)):
-            yield "backbone.strides", f"downsample {self.downsample} does not divide the clip size {tuple(shape)[1:]}"
+            yield "strides", f"downsample {self.downsample} does not divide the clip size {tuple(shape)[1:]}"
         if tuple(getattr(spec.modality, "patch", None) or ()) != self.downsample:
-            yield "modality.patch", f"set it to the downsample {list(self.downsample)} (tokens = latent positions)"
+            yield Root("modality.patch"), f"set it to the downsample {list(self.downsample)} (tokens = latent positions)"
 
 
 @BACKBONES.register

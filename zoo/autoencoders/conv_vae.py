@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from registry.kinds import AUTOENCODERS, BACKBONES
 from storage.checkpoint import find_checkpoint, load_weights, step_of
 from storage.files import write_json_atomic
-from zoo.core.params import AutoencoderParams, ZooParams
+from zoo.core.params import AutoencoderParams, Root, ZooParams
 from zoo.core.types import BackboneOut
 from zoo.autoencoders.base import AutoencoderModule
 
@@ -177,19 +177,19 @@ class _VAEParamsBase(ZooParams):
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
         """Trains on data space: identity autoencoder, one stream of ``(C, *S)``, S divisible by downsample."""
         if spec.autoencoder.type != "identity":
-            yield "autoencoder.type", f"backbone {self.type!r} is trained on the data itself: use autoencoder identity"
+            yield Root("autoencoder.type"), f"backbone {self.type!r} is trained on the data itself: use autoencoder identity"
         shape = spec.data.sample_shape()
         if isinstance(shape, dict) or len(tuple(shape)) != self.dims + 1:
             what = "images (C, H, W)" if self.dims == 2 else "mono audio (1, L) (one stream)"
-            yield "data", f"backbone {self.type!r} needs {what}; the data give {shape}"
+            yield Root("data"), f"backbone {self.type!r} needs {what}; the data give {shape}"
             return
         bad = [s for s in tuple(shape)[1:] if int(s) % self.downsample]
         if bad:
-            yield "backbone.channels", (f"downsample {self.downsample} (factor {self.factor} ** {len(self.channels)} "
+            yield "channels", (f"downsample {self.downsample} (factor {self.factor} ** {len(self.channels)} "
                                         f"levels) does not divide the data size {tuple(shape)[1:]}")
         mp = getattr(spec.modality, "patch", None)
         if mp is not None and mp != self.downsample:
-            yield "modality.patch", f"leave it null: backbone {self.type!r} uses its downsample {self.downsample}"
+            yield Root("modality.patch"), f"leave it null: backbone {self.type!r} uses its downsample {self.downsample}"
 
 
 class ConvVAEParams(_VAEParamsBase):
@@ -346,15 +346,16 @@ class _VAEAutoencoderParams(AutoencoderParams):
         """Input samples per latent step (1-D): the downsample."""
         return run_info(self.run)[2].downsample
 
-    def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
+    def input_problems(self, input_shape: Any, spec: Any) -> Iterator[tuple[str, str]]:
+        """Samples like the ones it was trained on, sizes divisible by its downsample."""
         _, _, p, trained = run_info(self.run)
-        shape = spec.data.sample_shape()
+        shape = input_shape
         if isinstance(shape, dict) or len(tuple(shape)) != len(trained) or int(tuple(shape)[0]) != trained[0]:
-            yield "autoencoder.run", f"the autoencoder was trained on samples {trained}; the data give {shape}"
+            yield "run", f"the autoencoder was trained on samples {trained}; the data give {shape}"
             return
         bad = [int(s) for s in tuple(shape)[1:] if int(s) % p.downsample]
         if bad:
-            yield "autoencoder.run", f"its downsample {p.downsample} does not divide the data size {tuple(shape)[1:]}"
+            yield "run", f"its downsample {p.downsample} does not divide the data size {tuple(shape)[1:]}"
 
 
 class ConvVAEAutoencoderParams(_VAEAutoencoderParams):

@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.kinds import AUTOENCODERS
-from zoo.core.params import AutoencoderParams
+from zoo.core.params import AutoencoderParams, FieldError, Root
 from zoo.autoencoders.base import AutoencoderModule
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -79,8 +79,8 @@ def layout_from_config(class_name: str, cfg: dict) -> Layout:
         stages = len(dim_mult) - 1
         temporal = 2 ** sum(bool(b) for b in list(g("temperal_downsample", [False, True, True]))[:stages])
         if WAN_CHUNK % temporal:
-            raise ValueError(f"autoencoder.path: temporal downsampling {temporal} does not divide diffusers' "
-                             f"encoding chunk of {WAN_CHUNK} frames; this AutoencoderKLWan config is unsupported")
+            raise FieldError("path", f"temporal downsampling {temporal} does not divide diffusers' "
+                                     f"encoding chunk of {WAN_CHUNK} frames; this AutoencoderKLWan config is unsupported")
         return Layout("video", int(g("in_channels", 3)) // patch ** 2, int(g("z_dim", 16)), 2 ** stages * patch,
                       temporal)
     ratios = list(g("downsampling_ratios", [2, 4, 4, 8, 8]))
@@ -168,9 +168,9 @@ class DiffusersAutoencoderParams(AutoencoderParams):
         try:
             cfg = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"autoencoder.config: {p} is not valid JSON ({e.msg})") from None
+            raise FieldError("config", f"{p} is not valid JSON ({e.msg})") from None
         if not isinstance(cfg, dict):
-            raise ValueError(f"autoencoder.config: {p} must hold a JSON object")
+            raise FieldError("config", f"{p} must hold a JSON object")
         return cfg
 
     # ----------------------------------------------------------------------------------------- layout
@@ -181,7 +181,7 @@ class DiffusersAutoencoderParams(AutoencoderParams):
                             ("temporal_downsample", layout.temporal if layout.kind == "video" else None)):
             given = getattr(self, name)
             if given is not None and value is not None and given != value:
-                out.append((f"autoencoder.{name}", f"the spec says {given} but {source} gives {value}"))
+                out.append((name, f"the spec says {given} but {source} gives {value}"))
         return out
 
     def layout(self, cfg: dict | None = None, check: bool = True) -> Layout:
@@ -252,39 +252,55 @@ class DiffusersAutoencoderParams(AutoencoderParams):
         if h % lay.downsample or w % lay.downsample:
             yield "size", f"frame size {h}x{w} is not divisible by the downsampling {lay.downsample}"
 
-    def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
-        """Spec checks: spec fields vs the config, data shape, sample rate (audio) and statistics."""
+    def _checked_layout(self) -> tuple[dict | None, Layout] | None:
+        """``(config, layout)``, or None when the config or its layout has a fault (:meth:`problems` names it)."""
         try:
             cfg = self.read_config()
-        except ValueError as e:
-            yield "autoencoder.config", str(e).partition(": ")[2]
+            if cfg is not None and self.layout_problems(layout_from_config(self.class_name, cfg),
+                                                        f"{self.class_name} config {self.config_path()}"):
+                return None
+        except ValueError:
+            return None
+        return cfg, self.layout(cfg)
+
+    def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
+        """Spec checks that need no data: the config is readable, the spec's fields agree with it, the latent
+        statistics are known."""
+        try:
+            cfg = self.read_config()
+        except FieldError as e:
+            yield e.path, e.message
             return
         if cfg is not None:
             try:
                 lay = layout_from_config(self.class_name, cfg)
-            except ValueError as e:
-                yield "autoencoder.path", str(e).partition(": ")[2]
+            except FieldError as e:
+                yield e.path, e.message
                 return
             bad = self.layout_problems(lay, f"{self.class_name} config {self.config_path()}")
             yield from bad
             if bad:
                 return
-        lay = self.layout(cfg)
-        data = spec.data
-        for fields, msg in self.shape_problems(data.sample_shape(), lay):
-            field = next((f for f in fields.split("|") if f and hasattr(data, f)), None)
-            yield f"data.{field}" if field else "data", f"autoencoder {self.class_name}: {msg}"
-        rates = data.stream_rates() or {}
-        if lay.sample_rate is not None and cfg is not None and "audio" in rates and rates["audio"] != lay.sample_rate:
-            yield ("data.sample_rate" if hasattr(data, "sample_rate") else "data",
-                   f"autoencoder {self.class_name} was trained on {lay.sample_rate} Hz audio; the data give "
-                   f"{rates['audio']} Hz")
-        if cfg is not None:
             try:
                 self.normalisation(cfg, lay.latent_channels)
-            except ValueError as e:
-                path, _, msg = str(e).partition(": ")
-                yield path, msg
+            except FieldError as e:
+                yield e.path, e.message
+
+    def input_problems(self, input_shape: Any, spec: Any) -> Iterator[tuple[str, str]]:
+        """The data shape (reported at the data field that sets it) and sample rate (audio)."""
+        checked = self._checked_layout()
+        if checked is None:
+            return
+        cfg, lay = checked
+        data = spec.data
+        for fields, msg in self.shape_problems(input_shape, lay):
+            field = next((f for f in fields.split("|") if f and hasattr(data, f)), None)
+            yield Root(f"data.{field}" if field else "data"), f"autoencoder {self.class_name}: {msg}"
+        rates = data.stream_rates() or {}
+        if lay.sample_rate is not None and cfg is not None and "audio" in rates and rates["audio"] != lay.sample_rate:
+            yield (Root("data.sample_rate" if hasattr(data, "sample_rate") else "data"),
+                   f"autoencoder {self.class_name} was trained on {lay.sample_rate} Hz audio; the data give "
+                   f"{rates['audio']} Hz")
 
     # ---------------------------------------------------------------------------------- normalisation
     def normalisation(self, cfg: dict, channels: int) -> tuple[Number, Number]:
@@ -295,7 +311,7 @@ class DiffusersAutoencoderParams(AutoencoderParams):
         if self.class_name == "AutoencoderKL":
             mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
             if scale is None and "scaling_factor" not in cfg:
-                raise ValueError(f"autoencoder.scale: {src} has no scaling_factor; set autoencoder.scale")
+                raise FieldError("scale", f"{src} has no scaling_factor; set it in the spec")
             factor = cfg.get("scaling_factor")
             if mean is not None and std is not None:   # SDXL-style per-channel statistics
                 shift = list(map(float, mean)) if shift is None else shift
@@ -306,11 +322,11 @@ class DiffusersAutoencoderParams(AutoencoderParams):
         elif self.class_name == "AutoencoderKLWan":
             for name, key in (("shift", "latents_mean"), ("scale", "latents_std")):
                 if getattr(self, name) is None and cfg.get(key) is None:
-                    raise ValueError(f"autoencoder.{name}: {src} has no {key}; set autoencoder.{name}")
+                    raise FieldError(name, f"{src} has no {key}; set it in the spec")
             shift = list(map(float, cfg["latents_mean"])) if shift is None else shift
             if scale is None:
                 if any(float(s) <= 0 for s in cfg["latents_std"]):
-                    raise ValueError(f"autoencoder.scale: {src} has a non-positive latents_std")
+                    raise FieldError("scale", f"{src} has a non-positive latents_std")
                 scale = [1.0 / float(s) for s in cfg["latents_std"]]
         else:  # Oobleck publishes no statistics; Stable Audio uses the raw latent
             shift = 0.0 if shift is None else shift
@@ -318,7 +334,7 @@ class DiffusersAutoencoderParams(AutoencoderParams):
         for name, v in (("shift", shift), ("scale", scale)):
             if isinstance(v, list) and len(v) != channels:
                 given = "the spec" if getattr(self, name) is not None else src
-                raise ValueError(f"autoencoder.{name}: {given} gives {len(v)} values for {channels} latent channels")
+                raise FieldError(name, f"{given} gives {len(v)} values for {channels} latent channels")
         return shift, scale
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Iterator, Literal
 from pydantic import Field
 from torch import Tensor, nn
 
+from registry.errors import under
 from registry.kinds import AUTOENCODERS
 from zoo.core.params import AutoencoderParams, StreamKeys
 from zoo.autoencoders.base import AutoencoderModule
@@ -39,23 +40,19 @@ class StreamsParams(AutoencoderParams):
         shapes = self._check_streams(input_shape)
         return {k: int(self.parts[k].time_stride(v)) for k, v in shapes.items()}
 
-    def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
+    def input_problems(self, input_shape: Any, spec: Any) -> Iterator[tuple[str, str]]:
         """Parts match the data streams (a part named after no modality is the spec checker's
-        ``unknown modality``); each part fits its stream."""
-        shapes = spec.data.sample_shape()
+        ``unknown modality``); each part's own ``input_problems`` for its stream, under ``parts.<stream>``."""
         modalities = spec.modality.segment_names
-        if isinstance(shapes, dict) and any(k not in modalities for k in self.parts):
+        if isinstance(input_shape, dict) and any(k not in modalities for k in self.parts):
             return
         try:
-            self._check_streams(shapes)
+            self._check_streams(input_shape)
         except ValueError as e:
-            yield "autoencoder.parts", str(e)
+            yield "parts", str(e)
             return
         for name, part in self.parts.items():
-            try:
-                part.latent_shape(shapes[name])
-            except ValueError as e:
-                yield f"autoencoder.parts.{name}", str(e)
+            yield from under(f"parts.{name}", part.input_problems(input_shape[name], spec))
 
 
 @AUTOENCODERS.register

@@ -4,14 +4,15 @@ its default. Every registered params model of such a kind derives from its base 
 ``tests/test_zoo_contracts.py``); ``hooks`` names what the misspelling check of :class:`ZooParams` guards."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 from pydantic import Field
 
+from registry.errors import FieldError, Root
 from registry.params import Settings, StreamKeys, ZooParams
 
-__all__ = ["AutoencoderParams", "DataParams", "ModalityParams", "Settings", "StreamKeys", "TeacherParams",
-           "ZooParams", "data_space"]
+__all__ = ["AutoencoderParams", "DataParams", "FieldError", "ModalityParams", "Root", "Settings", "StreamKeys",
+           "TeacherParams", "ZooParams", "data_space"]
 
 Shape = Any
 """One sample's shape: a tuple ``(C, *S)``, or a dict of such tuples by stream for multi-stream data."""
@@ -53,7 +54,7 @@ class ModalityParams(ZooParams):
 class AutoencoderParams(ZooParams):
     """Params of an ``autoencoder`` entry. Required: :meth:`latent_shape`."""
 
-    hooks: ClassVar[tuple[str, ...]] = ("latent_shape", "time_stride")
+    hooks: ClassVar[tuple[str, ...]] = ("latent_shape", "time_stride", "input_problems")
 
     def latent_shape(self, input_shape: Shape) -> Shape:
         """The latent shape for one data sample of ``input_shape`` (checked before anything is built)."""
@@ -62,6 +63,16 @@ class AutoencoderParams(ZooParams):
     def time_stride(self, input_shape: Shape) -> Any:
         """Input samples per latent time step (per stream for dict shapes); 1 by default."""
         return 1
+
+    def input_problems(self, input_shape: Shape, spec: Any) -> Iterable[tuple[str, str]]:
+        """Why it cannot take samples of ``input_shape``: ``(path, message)`` pairs, paths relative to this
+        component or a :class:`Root` (the spec checker passes the data's sample shape; ``streams`` passes each part
+        its stream's). By default the ValueError of :meth:`latent_shape`, at the component itself."""
+        try:
+            self.latent_shape(input_shape)
+        except ValueError as e:
+            return [("", str(e))]
+        return ()
 
 
 class TeacherParams(ZooParams):

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from registry.kinds import DATASETS
 from storage.latent_cache import MANIFEST, read_manifest, stats_tensors, strip_location
-from zoo.core.params import DataParams
+from zoo.core.params import DataParams, Root
 from zoo.data.errors import DataError, check_split
 
 TAG = "latent_shards"
@@ -131,41 +131,41 @@ class LatentShardsParams(DataParams):
 
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
         if self.source is not None and self.source.type == TAG:
-            yield "data.source", "the source of a latent cache cannot itself be a latent cache"
+            yield "source", "the source of a latent cache cannot itself be a latent cache"
             return
         if self.raw and self.source is None:
-            yield "data.raw", "raw samples come from data.source; set it"
+            yield "raw", "raw samples come from data.source; set it"
         elif self.raw and isinstance(self.source.sample_shape(), dict):
-            yield "data.raw", "raw samples are supported for single-stream data only"
+            yield "raw", "raw samples are supported for single-stream data only"
         if spec.teachers and not self.raw:
-            yield "data.raw", (f"teachers {sorted(spec.teachers)} see data-space samples, which a latent cache does "
+            yield "raw", (f"teachers {sorted(spec.teachers)} see data-space samples, which a latent cache does "
                                f"not hold: set data.raw = true (reads data.source alongside the cache)")
         m = load_manifest(self.path) if _CHECK_CACHE.get() else None
         if m is None:
             return  # dry runs and validation work before the cache exists; training says how to make it
         if not m.get("complete"):
-            yield "data.path", f"the cache at {self.path} is incomplete (interrupted?): rerun `python -m runtime.cache SPEC`"
+            yield "path", f"the cache at {self.path} is incomplete (interrupted?): rerun `python -m runtime.cache SPEC`"
             return
         if m.get("split") != "train":
-            yield "data.path", f"{self.path} caches split {m.get('split')!r}; data.path is the train cache"
+            yield "path", f"{self.path} caches split {m.get('split')!r}; data.path is the train cache"
         if self.source is not None and m.get("data") != self.source.model_dump(mode="json"):
-            yield "data.source", (f"the cache at {self.path} encodes {json.dumps(m.get('data'), sort_keys=True)}, "
+            yield "source", (f"the cache at {self.path} encodes {json.dumps(m.get('data'), sort_keys=True)}, "
                                   f"not {json.dumps(self.source.model_dump(mode='json'), sort_keys=True)}; re-cache")
         if m.get("stats", {}).get("source") != self.stats:
-            yield "data.stats", (f"the cache at {self.path} holds {m.get('stats', {}).get('source')!r} statistics, the "
+            yield "stats", (f"the cache at {self.path} holds {m.get('stats', {}).get('source')!r} statistics, the "
                                  f"spec asks for {self.stats!r}; re-run `python -m runtime.cache SPEC --stats {self.stats}`")
         try:
             want = _shape(spec.autoencoder.latent_shape(self.sample_shape()))
         except ValueError:
             return  # the autoencoder's own problems() says why
         if want != _shape(m["latent_shape"]):
-            yield "autoencoder", (f"the cache at {self.path} holds latents of shape {m['latent_shape']}, the spec's "
+            yield Root("autoencoder"), (f"the cache at {self.path} holds latents of shape {m['latent_shape']}, the spec's "
                                   f"autoencoder gives {want}; re-cache with this autoencoder")
         ident = m.get("identity", {})
 
         if ident.get("type") != spec.autoencoder.type or ident.get("params") != strip_location(
                 spec.autoencoder.model_dump(mode="json")):
-            yield "autoencoder", (f"the cache at {self.path} was made with autoencoder {ident.get('type')!r} "
+            yield Root("autoencoder"), (f"the cache at {self.path} was made with autoencoder {ident.get('type')!r} "
                                   f"{json.dumps(ident.get('params'), sort_keys=True)}; the spec names "
                                   f"{spec.autoencoder.type!r} {json.dumps(strip_location(spec.autoencoder.model_dump(mode='json')), sort_keys=True)}; "
                                   f"re-cache with `python -m runtime.cache SPEC`")

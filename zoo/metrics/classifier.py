@@ -285,8 +285,8 @@ def get_digit_classifier(size: int, channels: int, device: torch.device | str | 
 def _needs_digits(name: str, spec: Any) -> Iterable[tuple[str, str]]:
     data = spec.data.data_space()
     if data.type != "digits":
-        yield ("eval.metrics", f"{name} needs data.type 'digits' (its classifier is trained on the digits "
-                               f"generator), got {data.type!r}")
+        yield ("", f"{name} needs data.type 'digits' (its classifier is trained on the digits "
+                     f"generator), got {data.type!r}")
 
 
 def _finite(samples: Tensor, name: str) -> bool:

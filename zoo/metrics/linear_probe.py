@@ -36,9 +36,9 @@ class LinearProbeMetricParams(ZooParams):
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
         if spec.data.num_classes < 2:
-            yield "eval.metrics", "linear_probe needs class labels (data.num_classes >= 2)"
+            yield "", "linear_probe needs class labels (data.num_classes >= 2)"
         if self.block > spec.backbone.depth:
-            yield "eval.metrics", f"linear_probe block {self.block} > backbone depth {spec.backbone.depth}"
+            yield "", f"linear_probe block {self.block} > backbone depth {spec.backbone.depth}"
 
 
 @METRICS.register

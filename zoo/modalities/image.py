@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from registry.kinds import MODALITIES
 from zoo.core.layout import TokenLayout
-from zoo.core.params import ModalityParams
+from zoo.core.params import ModalityParams, Root
 
 
 class ImageModalityParams(ModalityParams):
@@ -49,16 +49,16 @@ class ImageModalityParams(ModalityParams):
         try:
             latent = tuple(spec.autoencoder.latent_shape(spec.data.sample_shape()))
         except ValueError as e:
-            yield "autoencoder", str(e)  # data the autoencoder cannot take (wrong rank, several streams)
+            yield Root("autoencoder"), str(e)  # data the autoencoder cannot take (wrong rank, several streams)
             return
         if len(latent) != 3:
-            yield "data", f"modality 'image' needs a 3-D latent (C, H, W); the data/autoencoder give {latent}"
+            yield Root("data"), f"modality 'image' needs a 3-D latent (C, H, W); the data/autoencoder give {latent}"
             return
         patch = self.patch or getattr(spec.backbone, "patch", None)
         if patch is None:
-            yield "modality.patch", f"backbone {spec.backbone.type!r} has no patch size; set modality.patch"
+            yield "patch", f"backbone {spec.backbone.type!r} has no patch size; set modality.patch"
         elif latent[1] % patch or latent[2] % patch:
-            yield ("modality.patch" if self.patch else "backbone.patch",
+            yield ("patch" if self.patch else Root("backbone.patch"),
                    f"patch {patch} does not divide the latent height/width {latent[1]}x{latent[2]} (latent {latent})")
 
 

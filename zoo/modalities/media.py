@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from registry.kinds import MODALITIES
 from zoo.core.layout import Segment, TokenLayout
-from zoo.core.params import ModalityParams
+from zoo.core.params import FieldError, ModalityParams, Root
 
 
 def _stream(x: Any, name: str) -> Any:
@@ -63,15 +63,20 @@ class VideoModalityParams(ModalityParams):
         if self.patch is not None:
             return tuple(int(p) for p in self.patch)  # type: ignore[return-value]
         if backbone_patch is None:
-            raise ValueError("modality.patch: the backbone has no patch size; give (time, height, width)")
+            raise FieldError("patch", "the backbone has no patch size; give (time, height, width)")
         return (1, int(backbone_patch), int(backbone_patch))
 
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
         try:
+            patch = self.resolved_patch(getattr(spec.backbone, "patch", None))
+        except FieldError as e:
+            yield e.path, e.message
+            return
+        try:
             latent = spec.autoencoder.latent_shape(spec.data.sample_shape())
-            video_layout(tuple(_stream(latent, "video")), self.resolved_patch(getattr(spec.backbone, "patch", None)))
+            video_layout(tuple(_stream(latent, "video")), patch)
         except ValueError as e:
-            yield "modality.patch", str(e)
+            yield "patch", str(e)
 
 
 class _VideoTokens:
@@ -115,17 +120,21 @@ class AudioModalityParams(ModalityParams):
         if self.patch is not None:
             return int(self.patch)
         if backbone_patch is None:
-            raise ValueError("modality.patch: the backbone has no patch size; give the audio patch")
+            raise FieldError("patch", "the backbone has no patch size; give the audio patch")
         return int(backbone_patch)
 
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
         try:
-            latent = tuple(_stream(spec.autoencoder.latent_shape(spec.data.sample_shape()), "audio"))
             self.resolved_patch(getattr(spec.backbone, "patch", None))
+        except FieldError as e:
+            yield e.path, e.message
+            return
+        try:
+            latent = tuple(_stream(spec.autoencoder.latent_shape(spec.data.sample_shape()), "audio"))
             if len(latent) != 2:
                 raise ValueError(f"modality 'audio' needs a 2-D latent (C, L); got {latent}")
         except ValueError as e:
-            yield "modality", str(e)
+            yield "", str(e)
 
 
 class _AudioTokens:
@@ -237,14 +246,15 @@ class AudioVideoModalityParams(ModalityParams):
         except ValueError:
             return  # the autoencoder's own check names the problem
         if not isinstance(latent, dict) or set(latent) != {"video", "audio"}:
-            yield "data", f"modality 'audio_video' needs data with the streams video and audio; the latents are {latent}"
+            yield Root("data"), (f"modality 'audio_video' needs data with the streams video and audio; the latents "
+                                 f"are {latent}")
             return
         try:
             video_layout(tuple(latent["video"]), tuple(self.video_patch))
         except ValueError as e:
-            yield "modality.video_patch", str(e)
+            yield "video_patch", str(e)
         if len(tuple(latent["audio"])) != 2:
-            yield "modality", f"the audio latent must be 2-D (C, L); got {tuple(latent['audio'])}"
+            yield "", f"the audio latent must be 2-D (C, L); got {tuple(latent['audio'])}"
 
 
 @MODALITIES.register

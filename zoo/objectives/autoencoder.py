@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import OBJECTIVES
-from zoo.core.params import ZooParams
+from zoo.core.params import Root, ZooParams
 from zoo.core.protocols import ObjectiveModule
 from zoo.core.types import LossOut, StepContext, TokenBatch
 
@@ -69,19 +69,19 @@ class AutoencoderObjectiveParams(ZooParams):
 
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
         if spec.backbone.type not in VAE_BACKBONES:
-            yield "backbone.type", (f"objective 'autoencoder' trains a VAE backbone ({', '.join(VAE_BACKBONES)}); "
+            yield Root("backbone.type"), (f"objective 'autoencoder' trains a VAE backbone ({', '.join(VAE_BACKBONES)}); "
                                     f"got {spec.backbone.type!r}")
         if self.perceptual_weight > 0:
             shape = spec.data.sample_shape()
             if isinstance(shape, dict) or len(tuple(shape)) not in (3, 4):
-                yield "objective.perceptual_weight", (f"the perceptual term compares image (or video frame) features; "
+                yield "perceptual_weight", (f"the perceptual term compares image (or video frame) features; "
                                                       f"the data give {shape} (audio has no perceptual teacher: set "
                                                       f"it to 0)")
             elif self.perceptual_teacher is None:
-                yield "objective.perceptual_teacher", "perceptual_weight > 0 needs a teacher name (under `teachers`)"
+                yield "perceptual_teacher", "perceptual_weight > 0 needs a teacher name (under `teachers`)"
         if self.perceptual_teacher is not None and self.perceptual_teacher not in spec.teachers:
             known = ", ".join(sorted(spec.teachers)) or "none; declare it under teachers"
-            yield "objective.perceptual_teacher", f"unknown teacher {self.perceptual_teacher!r} (known: {known})"
+            yield "perceptual_teacher", f"unknown teacher {self.perceptual_teacher!r} (known: {known})"
 
 
 @OBJECTIVES.register

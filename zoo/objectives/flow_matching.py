@@ -100,7 +100,7 @@ class FlowMatchingParams(ZooParams):
     def problems(self, spec: Any):
         """A guided sampler needs a trained null label."""
         if getattr(spec.sample, "cfg_scale", 1.0) != 1.0 and self.label_dropout == 0 and spec.data.num_classes > 0:
-            yield ("objective.label_dropout",
+            yield ("label_dropout",
                    f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
 
 

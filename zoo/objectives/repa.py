@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from registry.errors import closest
 from registry.kinds import OBJECTIVES
 from zoo.core.layout import TokenLayout
-from zoo.core.params import ZooParams
+from zoo.core.params import FieldError, ZooParams
 from zoo.core.protocols import ObjectiveModule
 from zoo.core.types import LossOut, StepContext, TokenBatch
 from zoo.layers.heads import build_projector, projector_flops
@@ -77,21 +77,21 @@ class REPAParams(ZooParams):
         rule, :func:`default_align_depth`)."""
         if self.encoders is None:
             if not spec.teachers:
-                raise ValueError("objective.encoders: REPA aligns to frozen encoders and the spec declares none; add "
-                                 "one under `teachers` (e.g. {\"digits\": {\"type\": \"classifier\"}})")
+                raise FieldError("encoders", "REPA aligns to frozen encoders and the spec declares none; add "
+                                             "one under `teachers` (e.g. {\"digits\": {\"type\": \"classifier\"}})")
             return self.model_copy(update={"encoders": sorted(spec.teachers)}).resolve(spec)
         if self.align_depth is not None:
             return self
         depth = getattr(spec.backbone, "depth", None)
         if depth is None:
-            raise ValueError(f"objective.align_depth: backbone {spec.backbone.type!r} has no depth to derive the "
-                             f"alignment block from; set objective.align_depth")
+            raise FieldError("align_depth", f"backbone {spec.backbone.type!r} has no depth to derive the "
+                                            f"alignment block from; set objective.align_depth")
         return self.model_copy(update={"align_depth": default_align_depth(int(depth))})
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
         names = tuple(spec.modality.segment_names)
         if "image" not in names and "video" not in names:
-            yield ("objective.type",
+            yield ("type",
                    f"REPA aligns image or video tokens to image encoders (frame by frame for video), and no encoder is "
                    f"registered for the {' + '.join(names)} tokens of modality {spec.modality.type!r}; use objective "
                    f"'selfflow' (no external encoder) or 'flow_matching' here (method.md §9.11: external alignment "
@@ -99,20 +99,20 @@ class REPAParams(ZooParams):
             return
         known = sorted(spec.teachers)
         if not self.encoders:
-            yield "objective.encoders", "REPA needs at least one encoder (a name under `teachers`)"
+            yield "encoders", "REPA needs at least one encoder (a name under `teachers`)"
         for i, name in enumerate(self.encoders or ()):
             if name not in spec.teachers:
                 near = closest(name, known)
-                yield (f"objective.encoders[{i}]",
+                yield (f"encoders[{i}]",
                        f"unknown teacher {name!r} (known: {', '.join(known) if known else 'none; declare it under teachers'})"
                        + (f"; did you mean {near!r}?" if near else ""))
             elif name in self.encoders[:i]:
-                yield f"objective.encoders[{i}]", f"teacher {name!r} is listed twice"
+                yield f"encoders[{i}]", f"teacher {name!r} is listed twice"
         depth = getattr(spec.backbone, "depth", None)
         if self.align_depth is not None and depth is not None and self.align_depth > depth:
-            yield "objective.align_depth", f"block {self.align_depth} is past the backbone's last block ({depth})"
+            yield "align_depth", f"block {self.align_depth} is past the backbone's last block ({depth})"
         if getattr(spec.sample, "cfg_scale", 1.0) != 1.0 and self.label_dropout == 0 and spec.data.num_classes > 0:
-            yield ("objective.label_dropout",
+            yield ("label_dropout",
                    f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
 
     def warnings(self, spec: Any) -> Iterable[str]:

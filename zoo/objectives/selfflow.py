@@ -50,7 +50,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import OBJECTIVES
-from zoo.core.params import StreamKeys, ZooParams
+from zoo.core.params import FieldError, StreamKeys, ZooParams
 from zoo.core.protocols import ObjectiveModule
 from zoo.core.types import LossOut, StepContext, TokenBatch
 from zoo.layers.heads import build_projector, projector_flops
@@ -78,15 +78,15 @@ def default_blocks(depth: int) -> tuple[int, int]:
 def _block_problems(student: int | None, teacher: int | None, depth: int | None):
     """``(json_path, message)`` for tap blocks violating ``1 <= student < teacher <= depth``."""
     if student is not None and student < 1:
-        yield ("objective.student_block", f"student_block must be >= 1 (1-based block index); got {student}")
+        yield ("student_block", f"student_block must be >= 1 (1-based block index); got {student}")
     if teacher is not None and teacher < 1:
-        yield ("objective.teacher_block", f"teacher_block must be >= 1 (1-based block index); got {teacher}")
+        yield ("teacher_block", f"teacher_block must be >= 1 (1-based block index); got {teacher}")
     if depth is not None and teacher is not None and teacher > depth:
-        yield ("objective.teacher_block", f"teacher_block {teacher} exceeds the backbone's {depth} blocks")
+        yield ("teacher_block", f"teacher_block {teacher} exceeds the backbone's {depth} blocks")
     if depth is not None and student is not None and student > depth:
-        yield ("objective.student_block", f"student_block {student} exceeds the backbone's {depth} blocks")
+        yield ("student_block", f"student_block {student} exceeds the backbone's {depth} blocks")
     if student is not None and teacher is not None and student >= teacher:
-        yield ("objective.student_block", f"student_block {student} must be smaller than teacher_block {teacher} "
+        yield ("student_block", f"student_block {student} must be smaller than teacher_block {teacher} "
                                           f"(the student's layer aligns to a deeper teacher layer)")
 
 
@@ -149,8 +149,8 @@ class SelfFlowParams(ZooParams):
         if self.student_block is None or self.teacher_block is None:
             depth = getattr(spec.backbone, "depth", None)
             if depth is None:
-                raise ValueError(f"objective.student_block/teacher_block: backbone {spec.backbone.type!r} has no "
-                                 f"'depth' to derive them from; set both explicitly")
+                raise FieldError("student_block/teacher_block", f"backbone {spec.backbone.type!r} has no "
+                                                                 f"'depth' to derive them from; set both explicitly")
             student, teacher = default_blocks(depth)
             if self.student_block is None:
                 update["student_block"] = student
@@ -169,9 +169,9 @@ class SelfFlowParams(ZooParams):
         if isinstance(ratio, dict) and names:
             missing = [n for n in names if n not in ratio]
             if missing:
-                yield "objective.mask.ratio", f"no mask ratio for modality {', '.join(map(repr, missing))} (given: {sorted(ratio)})"
+                yield "mask.ratio", f"no mask ratio for modality {', '.join(map(repr, missing))} (given: {sorted(ratio)})"
         if getattr(spec.sample, "cfg_scale", 1.0) != 1.0 and self.label_dropout == 0 and spec.data.num_classes > 0:
-            yield ("objective.label_dropout",
+            yield ("label_dropout",
                    f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
 
     def warnings(self, spec: Any):
@@ -208,7 +208,7 @@ class SelfFlow(ObjectiveModule):
         self.teacher_block = params.teacher_block if params.teacher_block is not None else teacher
         bad = list(_block_problems(self.student_block, self.teacher_block, depth))
         if bad:
-            raise ValueError("; ".join(f"{p}: {m}" for p, m in bad))
+            raise ValueError("; ".join(f"objective.{p}: {m}" for p, m in bad))
         self.hidden, self.depth = int(hidden), int(depth)
         self.timesteps = build_timesteps(params.timesteps)
         self.mask = build_mask(params.mask, grid=grid, layout=layout)

@@ -5,7 +5,6 @@
   fit. Nothing is ever downloaded: a missing file is a :class:`FileNotFoundError` naming the expected path.
 * :func:`imagenet_input`: data-space images ``(B, C, H, W)`` in [-1, 1] -> ImageNet-normalised RGB
   ``(B, 3, h, w)`` (grey repeated to RGB, then resized).
-* :func:`spec_path`: the JSON path of a teacher inside a spec, for ``problems(spec)`` messages.
 """
 from __future__ import annotations
 
@@ -24,20 +23,11 @@ class WeightsMismatch(ValueError):
     """A weights file whose keys or shapes do not fit the module; the message names the first bad key."""
 
 
-def spec_path(spec: Any, params: Any, field: str | None = None) -> str:
-    """``teachers.<name>[.field]`` for the teacher whose params object is ``params`` ("" when not found; the
-    spec checker then falls back to ``teachers.<name>``)."""
-    for name, p in spec.teachers.items():
-        if p is params:
-            return f"teachers.{name}" + (f".{field}" if field else "")
-    return ""
-
-
-def image_problems(spec: Any, params: Any, who: str) -> list[tuple[str, str]]:
-    """Image teachers read ``(C, H, W)`` data with C = 1 (grey, repeated to RGB) or 3."""
+def image_problems(spec: Any, who: str) -> list[tuple[str, str]]:
+    """Image teachers read ``(C, H, W)`` data with C = 1 (grey, repeated to RGB) or 3 (a problem at the teacher)."""
     shape = tuple(spec.data.sample_shape())
     if len(shape) != 3 or shape[0] not in (1, 3):
-        return [(spec_path(spec, params), f"{who} reads images (C, H, W) with C = 1 or 3; the data gives {shape}")]
+        return [("", f"{who} reads images (C, H, W) with C = 1 or 3; the data gives {shape}")]
     return []
 
 

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from registry.kinds import TEACHERS
 from zoo.core.params import TeacherParams
 from zoo.metrics.classifier import RECIPE, get_digit_classifier
-from zoo.teachers.common import spec_path
 
 
 def _grid(size: int) -> int:
@@ -49,7 +48,7 @@ class DigitClassifierTeacherParams(TeacherParams):
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
         data = spec.data.data_space()  # a latent cache: the data it encodes
         if data.type not in ("digits", "bouncing_digits_av"):
-            yield (spec_path(spec, self, "type"),
+            yield ("type",
                    f"teacher 'classifier' is trained on the digits generator and needs data.type 'digits' (or the "
                    f"frames of 'bouncing_digits_av', which draw the same glyphs), got {data.type!r}")
 

@@ -91,7 +91,7 @@ class EfficientNetLite0TeacherParams(TeacherParams):
         return (_out_size(self.image_size, self.stage),) * 2
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
-        yield from image_problems(spec, self, "teacher 'efficientnet_lite0'")
+        yield from image_problems(spec, "teacher 'efficientnet_lite0'")
 
 
 def _conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from registry.kinds import TEACHERS
 from zoo.core.params import TeacherParams
 from zoo.teachers.common import (ImageTeacher, image_problems, imagenet_input, load_checked, read_state_dict,
-                                 spec_path, strip_prefix)
+                                 strip_prefix)
 
 _DINOV2 = {"S/14": (384, 12, 6, "mlp"), "B/14": (768, 12, 12, "mlp"), "L/14": (1024, 24, 16, "mlp"),
            "G/14": (1536, 40, 24, "swiglu")}  # width, depth, heads, ffn ([DINOv2-code] hub/backbones.py)
@@ -132,14 +132,14 @@ class ViTTeacherParams(TeacherParams):
         return self.model_copy(update={"image_size": self.patch * gh}) if gh == gw else self
 
     def problems(self, spec: Any) -> Iterable[tuple[str, str]]:
-        yield from image_problems(spec, self, "teacher 'vit'")
+        yield from image_problems(spec, "teacher 'vit'")
         if self.weights is None:
-            yield (spec_path(spec, self, "weights"),
+            yield ("weights",
                    "weights null means random initialisation, which is for tests only; give a local DINOv2 file")
         if self.image_size is not None and self.image_size % self.patch:
-            yield spec_path(spec, self, "image_size"), f"{self.image_size} is not a multiple of patch {self.patch}"
+            yield "image_size", f"{self.image_size} is not a multiple of patch {self.patch}"
         if self.width % self.heads:
-            yield spec_path(spec, self, "heads"), f"width {self.width} is not divisible by heads {self.heads}"
+            yield "heads", f"width {self.width} is not divisible by heads {self.heads}"
 
 
 # ----------------------------------------------------------------------------------------- modules
