@@ -51,7 +51,7 @@ def _run(spec: Path, out: Path, sets: list[str]) -> int:
     return run_cli.main(argv)
 
 
-def test_network_shapes_and_tokens_match_video_modality():
+def test_network_shapes_and_latent_grid_matches_video_modality():
     torch.manual_seed(0)
     p = BACKBONES.get("clip_vae").Params(type="clip_vae", strides=[(2, 2, 2), (2, 1, 1)], channels=[8, 8],
                                          latent_channels=3, groups=4)
@@ -62,11 +62,7 @@ def test_network_shapes_and_tokens_match_video_modality():
     assert mean.shape == logvar.shape == (2, 3, 2, 3, 4) and net.decode(mean).shape == x.shape
     mod = MODALITIES.build(MODALITIES.get("video").Params(type="video", patch=(4, 2, 2)), backbone_patch=2,
                            latent_shape=(2, 8, 6, 8))
-    tokens = mod.to_tokens(x)
-    assert torch.equal(net.tokens_to_data(tokens), x)
-    out = net(tokens, torch.rand(2), None, taps=(1,))
-    assert out.features[1].shape == (2, 24, 3)
-    assert torch.allclose(mod.from_tokens(out.pred), net.decode(mean), atol=1e-5)
+    assert tuple(mod.grid) == mean.shape[2:] and net.in_channels == 2  # token = latent position (patch = downsample)
     with pytest.raises(ValueError, match="divisible"):
         net.encode_moments(torch.zeros(1, 2, 6, 6, 8))
 

@@ -15,6 +15,7 @@ from PIL import Image
 import zoo  # noqa: F401
 from registry.kinds import (ATTENTION, AUTOENCODERS, BACKBONES, DATASETS, LR_SCHEDULES, MASKS, METRICS,
                             MODALITIES, OBJECTIVES, POSITIONS, SOLVERS, TEACHERS, TIMESTEPS)
+from zoo.autoencoders.base import TrainableAutoencoder
 from zoo.core import protocols
 from zoo.core.types import StepContext, StepRNG, TokenBatch
 
@@ -161,15 +162,24 @@ OBJECTIVE_STUDENT: dict[str, Callable[[], torch.nn.Module]] = {  # tag -> the st
 }
 
 
-BACKBONE_GRID: dict[str, tuple[int, ...]] = {  # tag -> its 16-token grid (default (4, 4)); token_dim is 8
-    "clip_vae": (1, 4, 4),  # the tiny 3-D VAE: one clip of (1, 2, 8, 8), patch 2 x 2 x 2
+VAE_DATA: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {  # tag -> (data sample, latent grid), tiny presets
+    "conv_vae": ((3, 8, 8), (4, 4)),          # downsample 2
+    "conv_vae_1d": ((1, 32), (16,)),          # downsample 2
+    "clip_vae": ((1, 2, 8, 8), (1, 4, 4)),    # downsample 2 x 2 x 2
 }
+
+
+def is_vae(tag: str) -> bool:
+    return issubclass(BACKBONES.get(tag), TrainableAutoencoder)
 
 
 @pytest.mark.parametrize("tag", entries(BACKBONES))
 def test_backbone_contract(tag, tmp_path):
+    if is_vae(tag):
+        pytest.skip("a TrainableAutoencoder (objective autoencoder), not a flow backbone: see "
+                    "test_trainable_autoencoder_contract")
     torch.manual_seed(0)
-    grid = BACKBONE_GRID.get(tag, (4, 4))
+    grid = (4, 4)
     net = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=grid, num_classes=3)
     assert isinstance(net, protocols.Backbone) and net.null_label == 3
     # zero-initialised output layers (adaLN-Zero) would make every check below hold for any weights: perturb first
@@ -192,6 +202,41 @@ def test_backbone_contract(tag, tmp_path):
     fresh = BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=8, grid=grid, num_classes=3)
     assert not torch.equal(fresh(x, t, y).pred, net(x, t, y).pred)  # the twin check can tell weights apart
     assert net.flops(16) > 0
+
+
+@pytest.mark.parametrize("tag", [t for t in BACKBONES.names() if is_vae(t)])
+def test_trainable_autoencoder_contract(tag, tmp_path):
+    assert tag in VAE_DATA, f"give the VAE {tag!r} a data sample and latent grid in VAE_DATA"
+    torch.manual_seed(0)
+    shape, grid = VAE_DATA[tag]
+    token_dim = shape[0] * math.prod(s // g for s, g in zip(shape[1:], grid))
+
+    def build() -> Any:
+        return BACKBONES.build(params_for(BACKBONES, tag, tmp_path), token_dim=token_dim, grid=grid, num_classes=3)
+
+    net = build()
+    assert isinstance(net, TrainableAutoencoder) and not isinstance(net, protocols.Backbone)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.rand(2, *shape) * 2 - 1
+    mean, logvar = net.encode_moments(x)
+    assert mean.shape == logvar.shape == (2, net.hidden, *grid) and torch.isfinite(mean).all()
+    rec = net.decode(mean + (0.5 * logvar).exp() * torch.randn_like(mean))
+    assert rec.shape == x.shape and torch.isfinite(rec).all() and rec.abs().mean() > 1e-4
+    ((rec - x).square().mean() + (mean.square() + logvar.exp() - logvar).mean()).backward()
+    no_grad = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+    twin, fresh = build(), build()
+    twin.load_state_dict(net.state_dict())
+    assert torch.equal(twin.decode(mean.detach()), net.decode(mean.detach()))
+    assert not torch.equal(fresh.decode(mean.detach()), net.decode(mean.detach()))
+    assert net.flops(math.prod(grid)) > 0
+    obj = OBJECTIVES.build(OBJECTIVES.get("autoencoder").Params(type="autoencoder"), teachers={})
+    batch = TokenBatch(torch.zeros(2, math.prod(grid), token_dim), None, raw=x)
+    assert torch.isfinite(obj(net, batch, StepContext(0, StepRNG(0, 0, 0, 0, 2, 2))).loss)
+    with pytest.raises(TypeError, match="trains a VAE backbone"):
+        obj(tiny_backbone(), batch, StepContext(0, StepRNG(0, 0, 0, 0, 2, 2)))
 
 
 @pytest.mark.parametrize("tag", entries(OBJECTIVES))

@@ -1,5 +1,7 @@
 """What every autoencoder offers beyond ``encode``/``decode``: :class:`AutoencoderModule` declares the hooks once,
-with the defaults of entries whose raw latent is already normalised.
+with the defaults of entries whose raw latent is already normalised. :class:`TrainableAutoencoder` is the contract
+of the VAEs that objective ``autoencoder`` trains (registered as backbones, since they are the run's trained
+network).
 
 Raw units are the autoencoder's native latent, before its own normalisation: for an entry with published
 constants ``shift`` and ``scale``, ``encode(x) == (moments(x)[0] - shift) * scale`` (posterior mean) and
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 
 class AutoencoderModule(nn.Module):
@@ -36,3 +38,31 @@ class AutoencoderModule(nn.Module):
         """The autoencoder's own normalisation as ``(mean, std)`` of its raw latent, i.e. ``(shift, 1 / scale)``
         (scalars or per-channel sequences); ``(0.0, 1.0)`` by default (raw latent already normalised)."""
         return 0.0, 1.0
+
+
+class TrainableAutoencoder(nn.Module):
+    """Base of the VAEs trained by objective ``autoencoder`` (``conv_vae``, ``conv_vae_1d``, ``clip_vae``): what
+    the objective, ``reconstruct`` and the runtime use of them, and nothing of the flow backbone protocol (no
+    token ``forward``, no timesteps or labels).
+
+    Built as a backbone (``cls(params, token_dim=..., grid=..., **deps)``: the modality's tokens are the latent
+    positions, ``token_dim = C * prod(downsample)``) and then used on data only::
+
+        encode_moments(x (B, C, *S)) -> (mean, logvar), each (B, z, *S / downsample)
+        decode(z (B, z, *S / downsample)) -> (B, C, *S)
+        flops(num_tokens) -> encoder + decoder forward FLOPs of one sample of num_tokens latent positions
+
+    ``hidden`` (latent channels) and ``depth`` (1) are the objective deps the compiler passes to every objective.
+    """
+
+    hidden: int
+    depth: int = 1
+
+    def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must define encode_moments()")
+
+    def decode(self, z: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define decode()")
+
+    def flops(self, num_tokens: int) -> float:
+        raise NotImplementedError(f"{type(self).__name__} must define flops()")

@@ -35,10 +35,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from registry.kinds import AUTOENCODERS, BACKBONES
-from zoo.autoencoders.base import AutoencoderModule
+from zoo.autoencoders.base import AutoencoderModule, TrainableAutoencoder
 from zoo.autoencoders.conv_vae import LOGVAR_RANGE, ResBlock
 from zoo.core.params import AutoencoderParams, Root, ZooParams
-from zoo.core.types import BackboneOut
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
@@ -143,26 +142,25 @@ class ClipVAEParams(ZooParams):
 
 
 @BACKBONES.register
-class ClipVAE(nn.Module):
-    """The VAE as a backbone. deps: ``token_dim = C dt dh dw``, ``grid`` = latent grid ``(T', H', W')``.
+class ClipVAE(TrainableAutoencoder):
+    """The VAE trained by objective ``autoencoder`` (:class:`TrainableAutoencoder`). deps: ``token_dim = C dt dh
+    dw`` and ``grid`` = latent grid ``(T', H', W')`` give the data channels ``C``; ``hidden`` = latent channels.
 
-    ``forward(x (B, N, P), t, y, taps, stop_after)``: video tokens -> clip -> posterior mean (``features[1]``
-    ``(B, N, z)``) -> decoded tokens ``(B, N, P)``; ``t`` and ``y`` are ignored (the objective works on the data
-    with ``encode_moments`` / ``decode``).
+    ``encode_moments(x (B, C, T, H, W)) -> (mean, logvar)`` each ``(B, z, T', H', W')``; ``decode(z) -> (B, C, T,
+    H, W)``.
     """
 
     Params = ClipVAEParams
 
-    def __init__(self, params: ClipVAEParams, *, token_dim: int, grid: tuple[int, ...], num_classes: int = 0,
-                 **deps: Any):
+    def __init__(self, params: ClipVAEParams, *, token_dim: int, grid: tuple[int, ...], **deps: Any):
         super().__init__()
         d = params.downsample
         if len(grid) != 3 or token_dim % math.prod(d):
             raise ValueError(f"clip_vae: needs a 3-D token grid with token_dim divisible by {math.prod(d)}; got grid "
                              f"{tuple(grid)}, token_dim {token_dim}")
-        self.params, self.patch, self.grid = params, d, tuple(int(g) for g in grid)
+        self.params, self.patch = params, d
         self.in_channels = token_dim // math.prod(d)
-        self.hidden, self.depth, self.null_label, self.token_dim = params.latent_channels, 1, int(num_classes), token_dim
+        self.hidden = params.latent_channels
         self.net = ClipVAENet(self.in_channels, [tuple(s) for s in params.strides], list(params.channels),
                               params.latent_channels, params.res_blocks, params.mid_blocks, params.groups)
 
@@ -171,29 +169,6 @@ class ClipVAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         return self.net.decode(z)
-
-    def tokens_to_data(self, tokens: Tensor) -> Tensor:
-        """``(B, N, P)`` in the video modality's order ((dt, dh, dw, c), channel fastest) -> ``(B, C, T, H, W)``."""
-        (t, h, w), (pt, ph, pw), b, c = self.grid, self.patch, tokens.shape[0], self.in_channels
-        x = tokens.reshape(b, t, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(b, c, t * pt, h * ph, w * pw)
-
-    def data_to_tokens(self, x: Tensor) -> Tensor:
-        """``(B, c, T' pt, H' ph, W' pw)`` -> ``(B, N, pt ph pw c)``; a latent (patch 1) gives ``(B, N, z)``."""
-        (t, h, w), b, c = self.grid, x.shape[0], x.shape[1]
-        pt, ph, pw = x.shape[2] // t, x.shape[3] // h, x.shape[4] // w
-        x = x.reshape(b, c, t, pt, h, ph, w, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
-        return x.reshape(b, t * h * w, pt * ph * pw * c)
-
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, taps: tuple[int, ...] = (),
-                stop_after: int | None = None, attn_mask: Tensor | None = None) -> BackboneOut:
-        bad = [k for k in taps if int(k) != 1] + ([stop_after] if stop_after not in (None, 1) else [])
-        if bad:
-            raise ValueError(f"clip_vae: taps / stop_after must be 1 (the encoder); got {bad}")
-        mean, _ = self.encode_moments(self.tokens_to_data(x))
-        feats = {1: self.data_to_tokens(mean)} if 1 in [int(k) for k in taps] else {}
-        pred = None if stop_after == 1 else self.data_to_tokens(self.decode(mean))
-        return BackboneOut(pred, feats)
 
     def flops(self, num_tokens: int) -> float:
         """Encoder + decoder forward FLOPs for one clip of ``num_tokens`` latent positions (convs only)."""

@@ -14,8 +14,8 @@ so ``downsample = factor ** len(channels)``: ``(B, C, H, W)`` -> latent ``(B, z,
 
 Training (a spec with ``backbone.type = conv_vae``, ``objective.type = autoencoder``, ``autoencoder.type =
 identity``): the backbone's ``patch`` is its downsample, so the modality's token grid is the latent grid; the
-token ``forward`` (deterministic reconstruction through the posterior mean) exists for the backbone protocol,
-the objective itself works on the data (``encode_moments`` / ``decode``).
+network is a :class:`zoo.autoencoders.base.TrainableAutoencoder` (no token ``forward``): the objective works on
+the data (``encode_moments`` / ``decode``).
 
 Using a trained run (``autoencoder: {"type": "conv_vae", "run": "runs/vae_digits"}``): the entry reads the
 architecture from the checkpoint's ``spec.resolved.json`` (so ``latent_shape`` is known at validation time;
@@ -42,8 +42,7 @@ from registry.kinds import AUTOENCODERS, BACKBONES
 from storage.checkpoint import find_checkpoint, load_weights, step_of
 from storage.files import write_json_atomic
 from zoo.core.params import AutoencoderParams, Root, ZooParams
-from zoo.core.types import BackboneOut
-from zoo.autoencoders.base import AutoencoderModule
+from zoo.autoencoders.base import AutoencoderModule, TrainableAutoencoder
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -210,17 +209,15 @@ class ConvVAE1dParams(_VAEParamsBase):
                                                              "factor": 2}}
 
 
-class _ConvVAEBackbone(nn.Module):
-    """The VAE as a backbone. deps: ``token_dim = C * f**dims``, ``grid`` = latent grid (data size / f; the 1-D
-    network flattens a multi-axis grid into one time axis).
+class _ConvVAEBackbone(TrainableAutoencoder):
+    """The VAE trained by objective ``autoencoder`` (:class:`TrainableAutoencoder`). deps: ``token_dim = C *
+    f**dims`` and ``grid`` = latent grid (data size / f; the 1-D network flattens a multi-axis grid into one time
+    axis) give the data channels ``C``; ``hidden`` = latent channels ``z``.
 
-    Attributes: ``hidden`` = latent channels, ``depth`` = 1 (block 1 = the encoder), ``null_label``,
-    ``data_shape`` ``(C, *S)``. ``forward(x (B, N, P), t, y, taps, stop_after)``: tokens -> data -> posterior
-    mean (``features[1]`` ``(B, N, z)``) -> decoded tokens ``pred`` ``(B, N, P)``; ``t`` and ``y`` are ignored.
+    ``encode_moments(x (B, C, *S)) -> (mean, logvar)`` each ``(B, z, *S / f)``; ``decode(z) -> (B, C, *S)``.
     """
 
-    def __init__(self, params: _VAEParamsBase, *, token_dim: int, grid: tuple[int, ...], num_classes: int = 0,
-                 **deps: Any):
+    def __init__(self, params: _VAEParamsBase, *, token_dim: int, grid: tuple[int, ...], **deps: Any):
         super().__init__()
         f, d = params.downsample, params.dims
         if d == 1:  # a 1-D network reads any token grid as one time axis (row-major)
@@ -230,9 +227,7 @@ class _ConvVAEBackbone(nn.Module):
                              f"(patch = downsample {f}); got grid {tuple(grid)}, token_dim {token_dim}")
         self.params, self.dims, self.patch = params, d, f
         self.in_channels = token_dim // f ** d
-        self.grid = tuple(int(g) for g in grid)
-        self.data_shape = (self.in_channels, *(g * f for g in self.grid))
-        self.hidden, self.depth, self.null_label, self.token_dim = params.latent_channels, 1, int(num_classes), token_dim
+        self.hidden = params.latent_channels
         self.net = ConvVAENet(self.in_channels, list(params.channels), params.latent_channels, params.res_blocks,
                               params.factor, params.groups, d)
 
@@ -241,33 +236,6 @@ class _ConvVAEBackbone(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         return self.net.decode(z)
-
-    def tokens_to_data(self, tokens: Tensor) -> Tensor:
-        """``(B, N, P)`` in the image / audio modality's order (channel fastest) -> ``(B, C, *S)``."""
-        b, c, p, g = tokens.shape[0], self.in_channels, self.patch, self.grid
-        if self.dims == 2:
-            x = tokens.reshape(b, g[0], g[1], p, p, c).permute(0, 5, 1, 3, 2, 4)
-            return x.reshape(b, c, g[0] * p, g[1] * p)
-        return tokens.reshape(b, g[0], p, c).permute(0, 3, 1, 2).reshape(b, c, g[0] * p)
-
-    def data_to_tokens(self, x: Tensor, channels: int | None = None) -> Tensor:
-        """Inverse of :meth:`tokens_to_data` (``channels`` for latents: ``(B, z, *grid)`` -> ``(B, N, z)``)."""
-        b, c = x.shape[:2]
-        p = x.shape[2] // self.grid[0]
-        if self.dims == 2:
-            h, w = self.grid
-            return x.reshape(b, c, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w, p * p * c)
-        return x.reshape(b, c, self.grid[0], p).permute(0, 2, 3, 1).reshape(b, self.grid[0], p * c)
-
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, taps: tuple[int, ...] = (),
-                stop_after: int | None = None, attn_mask: Tensor | None = None) -> BackboneOut:
-        bad = [k for k in taps if int(k) != 1] + ([stop_after] if stop_after not in (None, 1) else [])
-        if bad:
-            raise ValueError(f"{self.params.type}: taps / stop_after must be 1 (the encoder); got {bad}")
-        mean, _ = self.encode_moments(self.tokens_to_data(x))
-        feats = {1: self.data_to_tokens(mean)} if 1 in [int(k) for k in taps] else {}
-        pred = None if stop_after == 1 else self.data_to_tokens(self.decode(mean))
-        return BackboneOut(pred, feats)
 
     def flops(self, num_tokens: int) -> float:
         """Encoder + decoder forward FLOPs for one sample of ``num_tokens`` tokens (convs only)."""

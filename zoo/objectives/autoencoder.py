@@ -1,4 +1,5 @@
-"""Objective ``autoencoder``: train a VAE backbone (``conv_vae`` / ``conv_vae_1d``) on the data itself.
+"""Objective ``autoencoder``: train a VAE backbone (``conv_vae``, ``conv_vae_1d``, ``clip_vae``) on the data itself.
+The VAE is a :class:`zoo.autoencoders.base.TrainableAutoencoder`; nothing here uses the flow backbone protocol.
 
 For data ``x`` ``(B, C, *S)`` in [-1, 1] (``TokenBatch.raw``; ``needs_raw``)::
 
@@ -28,12 +29,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from registry.kinds import OBJECTIVES
+from registry.kinds import BACKBONES, OBJECTIVES
+from zoo.autoencoders.base import TrainableAutoencoder
 from zoo.core.params import Root, ZooParams
 from zoo.core.protocols import ObjectiveModule
 from zoo.core.types import LossOut, StepContext, TokenBatch
 
-VAE_BACKBONES = ("conv_vae", "conv_vae_1d", "clip_vae")
+
+
+def vae_backbones() -> list[str]:
+    """The backbone tags whose network is a :class:`TrainableAutoencoder` (what this objective trains)."""
+    return [tag for tag, cls in BACKBONES.items() if issubclass(cls, TrainableAutoencoder)]
 
 
 def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
@@ -68,9 +74,10 @@ class AutoencoderObjectiveParams(ZooParams):
                                                      "false = the mean (a plain autoencoder with a KL penalty).")
 
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
-        if spec.backbone.type not in VAE_BACKBONES:
-            yield Root("backbone.type"), (f"objective 'autoencoder' trains a VAE backbone ({', '.join(VAE_BACKBONES)}); "
-                                    f"got {spec.backbone.type!r}")
+        vaes = vae_backbones()
+        if spec.backbone.type not in vaes:
+            yield Root("backbone.type"), (f"objective 'autoencoder' trains a VAE backbone ({', '.join(vaes)}); "
+                                          f"got {spec.backbone.type!r}")
         if self.perceptual_weight > 0:
             shape = spec.data.sample_shape()
             if isinstance(shape, dict) or len(tuple(shape)) not in (3, 4):
@@ -101,8 +108,8 @@ class AutoencoderObjective(ObjectiveModule):
     def forward(self, student: nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut:
         """``batch.raw`` ``(B, C, *S)``; ``student.encode_moments`` / ``decode`` as in the module docstring."""
         p = self.params
-        if not hasattr(student, "encode_moments"):
-            raise TypeError(f"objective 'autoencoder' trains a VAE backbone (conv_vae, conv_vae_1d); "
+        if not isinstance(student, TrainableAutoencoder):
+            raise TypeError(f"objective 'autoencoder' trains a VAE backbone ({', '.join(vae_backbones())}); "
                             f"got {type(student).__name__}")
         if batch.raw is None or isinstance(batch.raw, dict):
             raise ValueError("objective 'autoencoder' needs the data-space batch (TokenBatch.raw) of one stream")
