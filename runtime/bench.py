@@ -6,6 +6,8 @@ once and reused, so the loader is not timed. Prints median step time, samples/s,
 TFLOP/s (analytic FLOPs, see ``--dry-run``), peak memory, and each spec's step-time ratio to the first next to
 the ratio its analytic FLOPs predict (a teacher pass to block k costs about k/depth of a forward).
 
+``--suite gpu [--out DIR] [--smoke]`` runs the GPU acceptance suite instead (:mod:`runtime.suite`).
+
 ``--compiled`` also times every spec with ``train.compile`` on (the whole loss as one graph), interleaved
 with its eager twin; its rows end in ``+compile``. ``--synthetic`` gives objectives that read the data
 (REPA's encoders) random images and encoders with random weights, so no data or weight file is needed.
@@ -17,6 +19,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,7 +61,10 @@ def prepare(path: str, spec: Any, synthetic: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("specs", nargs="+")
+    ap.add_argument("specs", nargs="*")
+    ap.add_argument("--suite", choices=["gpu"], help="run the GPU acceptance suite (runtime/suite.py) instead of specs")
+    ap.add_argument("--out", default="runs/bench_gpu", help="--suite: folder for suite.json and suite.md")
+    ap.add_argument("--smoke", action="store_true", help="--suite: the same code at tiny sizes on CPU (< 1 min)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per spec")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per spec first")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -69,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
                          "weights and random images")
     ap.add_argument("--compiled", action="store_true", help="also time each spec with train.compile on")
     args = ap.parse_args(argv)
+    if args.suite:
+        from runtime.suite import run_suite
+
+        return run_suite(Path(args.out), smoke=args.smoke)
+    if not args.specs:
+        ap.error("give at least one SPEC (or --suite gpu)")
 
     import zoo  # noqa: F401
     from registry.errors import SpecError
