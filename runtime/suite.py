@@ -216,17 +216,20 @@ def training(report: Report, smoke: bool) -> dict[str, Any]:
 
 
 def _sync_check(run: dict[str, Any]) -> str:
-    """One forward + backward of the step with CUDA's sync debug mode set to error: "none" or the first sync."""
-    from zoo.core.types import StepContext, StepRNG
+    """One forward + backward of the step's loss (its draws made before, outside the check) with CUDA's sync
+    debug mode set to error: "none", or the first synchronising call."""
+    from zoo.core.types import StepRNG
 
     g, batch = run["graph"], run["batches"][0]
-    b = batch.x0.shape[0]
-    ctx = StepContext(0, StepRNG(0, 0, 0, 0, b, b, g.device), ema=g.ema.module if g.ema is not None else None)
+    tm, b = g.train_module, batch.x0.shape[0]
+    ema = g.ema.module if g.ema is not None else None
+    draws = tm.objective.draw(tm.backbone, batch, StepRNG(0, 0, 0, 0, b, b, g.device))
+    loss = tm.compiled_loss if tm.compiled_loss is not None else tm._loss
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with g.autocast():
-            out = run["stepper"].model(batch, ctx)
+            out = loss(batch, draws, ema)
         out.loss.backward()
         return "none"
     except RuntimeError as e:
