@@ -156,7 +156,9 @@ def _largest_batch(build: Callable[[int], Any], step: Callable[[Any], None], dev
             run = build(b)
             step(run)
             return b, run
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # compiled code may wrap the OOM in another error
+            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
+                raise
             del run
             if device.type == "cuda":
                 torch.cuda.empty_cache()
