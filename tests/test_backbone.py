@@ -279,6 +279,16 @@ def test_sdpa_forced_kernels_and_masks_on_cpu(kernel):
     assert ref.kernel_name(q) == "math"
 
 
+def test_forced_sdpa_kernel_traces_into_one_graph():
+    """The CUDA default is a forced SDPA kernel; its ``sdpa_kernel`` context must not break train.compile's graph."""
+    attn = build_attention(SDPAAttentionParams(type="sdpa", kernel="math"), "cpu")
+    q, k, v, mask = _qkv()
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v, m: attn(q, k, v, m) + attn(q, k, v), backend="eager", fullgraph=True)
+    assert_close(f(q, k, v, mask), attn(q, k, v, mask) + attn(q, k, v), atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_default_attention_and_cpu_errors():
     assert default_attention(torch.device("cpu")) == SDPAAttentionParams(type="sdpa")
     assert isinstance(build_attention(None, "cpu"), SDPAAttention)
