@@ -48,7 +48,7 @@ class TrainSettings(Settings):
     keep_checkpoints: int = Field(3, gt=0, description="Keep the newest this many checkpoints.")
     max_consecutive_skips: int = Field(
         20, gt=0, description="Stop the run after this many consecutive steps skipped for a non-finite loss or gradient.")
-    compile: bool = Field(False, description="torch.compile the backbone (slow first step; off on CPU by default).")
+    compile: bool = Field(False, description="torch.compile the whole training loss (student, teacher pass, heads; the random draws stay eager) as one graph; slow first step; off on CPU by default.")
 
 
 class SampleSettings(Settings):

@@ -17,19 +17,39 @@ from registry.kinds import AUTOENCODERS, BACKBONES, MODALITIES, OBJECTIVES, SOLV
 from runtime.latents import is_latent_data
 from storage.latent_cache import CacheMismatch, autoencoder_identity, describe_identity, stats_tensors
 from runtime.optim import EMA
+from zoo.core.protocols import DrawnObjective
 from zoo.core.types import LossOut, StepContext, TokenBatch
 from zoo.layers.attention import default_attention
 
 
 class TrainModule(nn.Module):
-    """Backbone + objective: the one module DDP wraps. ``forward(batch, ctx) -> LossOut``."""
+    """Backbone + objective: the one module DDP wraps. ``forward(batch, ctx) -> LossOut``.
+
+    After :meth:`compile_step` an objective with separate draws (:class:`~zoo.core.protocols.DrawnObjective`)
+    runs as ``draws = objective.draw(...)`` (eager: the step's generator) then one compiled graph of
+    ``objective.loss(backbone, batch, draws, ema)`` -- student, teacher pass, heads and loss together."""
 
     def __init__(self, backbone: nn.Module, objective: nn.Module):
         super().__init__()
         self.backbone, self.objective = backbone, objective
+        self.compiled_loss: Any = None    # torch.compile of _loss, set by compile_step
+
+    def compile_step(self, **options: Any) -> str:
+        """``torch.compile`` the whole loss (``options`` go to it; shapes are static: ``dynamic=False``); an
+        objective that draws inside its forward gets its backbone compiled instead. Returns what was compiled."""
+        if isinstance(self.objective, DrawnObjective):
+            self.compiled_loss = torch.compile(self._loss, dynamic=False, **options)
+            return "loss"
+        self.backbone.compile(**options)  # in place: state-dict keys stay the same
+        return "backbone"
+
+    def _loss(self, batch: TokenBatch, draws: Any, ema: nn.Module | None) -> LossOut:
+        return self.objective.loss(self.backbone, batch, draws, ema)
 
     def forward(self, batch: TokenBatch, ctx: StepContext) -> LossOut:
-        return self.objective(self.backbone, batch, ctx)
+        if self.compiled_loss is None:
+            return self.objective(self.backbone, batch, ctx)
+        return self.compiled_loss(batch, self.objective.draw(self.backbone, batch, ctx.rng), ctx.ema)
 
 
 @dataclass
@@ -48,6 +68,7 @@ class Graph:
     solver: Any
     attention: str | None                # the attention backend actually used (None: a backbone without attention)
     latent_stats: Any = None             # latent-cache data: manifest (mean, std), each (C, 1, ..) (dict by stream)
+    attention_kernel: str | None = None  # the kernel the backend runs for this model's shapes, e.g. "sdpa/flash_attention"
 
     @property
     def latent_data(self) -> bool:
@@ -128,11 +149,13 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
 
 
 def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load_frozen: bool = True,
-                 load_teachers: bool = True) -> Graph:
+                 load_teachers: bool = True, random_teachers: bool = False) -> Graph:
     """Build every component of ``spec`` on ``device``. On ``torch.device("meta")`` (``--dry-run``) only the
     shapes are built; there, and with ``load_frozen=False`` (benchmarks on synthetic latents), the frozen
     autoencoder is not loaded and the graph takes token batches only. Sampling and evaluating need no teachers
-    (``load_teachers=False``): the objective's heads are sized from the teachers' params alone."""
+    (``load_teachers=False``): the objective's heads are sized from the teachers' params alone. Benchmarks
+    time the teachers without their weight files: ``random_teachers=True`` builds them (also with
+    ``load_frozen=False``) with random weights (``weights`` null)."""
     input_shape = _shape(spec.data.sample_shape())
     latent_shape = _shape(spec.autoencoder.latent_shape(input_shape))
     num_classes = int(spec.data.num_classes)
@@ -145,12 +168,19 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
             latent_stats = check_latent_cache(spec, autoencoder, latent_shape)
         teachers = {name: TEACHERS.build(p, input_shape=teacher_input_shape(input_shape), token_grid=tuple(modality.grid))
                     .to(device).eval().requires_grad_(False) for name, p in spec.teachers.items()} if load_teachers else {}
+    if device.type != "meta" and random_teachers:
+        random = {name: p.model_copy(update={"weights": None}) if "weights" in type(p).model_fields else p
+                  for name, p in spec.teachers.items()}
+        teachers = {name: TEACHERS.build(p, input_shape=teacher_input_shape(input_shape), token_grid=tuple(modality.grid))
+                    .to(device).eval().requires_grad_(False) for name, p in random.items()}
 
     bb_params = spec.backbone
     attn_dev = torch.device("cpu") if device.type == "meta" else device
     has_attention = "attention" in type(bb_params).model_fields  # conv backbones (conv_vae) have none
-    if has_attention and bb_params.attention is None:  # auto: xformers on CUDA when importable, else SDPA
-        bb_params = bb_params.model_copy(update={"attention": default_attention(attn_dev)})
+    if has_attention and bb_params.attention is None:  # auto: on CUDA the fastest kernel for these shapes, else SDPA
+        heads, hidden = getattr(bb_params, "heads", None), getattr(bb_params, "hidden", None)
+        shape = (int(modality.layout.num_tokens), heads, hidden // heads) if heads and hidden else None
+        bb_params = bb_params.model_copy(update={"attention": default_attention(attn_dev, shape)})
     torch.manual_seed(spec.train.seed)  # initialisation depends only on the seed
     with torch.device(device):
         backbone = BACKBONES.build(bb_params, token_dim=modality.token_dim, grid=tuple(modality.grid),
@@ -159,13 +189,26 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
                                      grid=tuple(modality.grid), layout=modality.layout, teachers=teachers,
                                      teacher_params=dict(spec.teachers))
     train_module = TrainModule(backbone, objective).to(device)
+    autocast_dtype = resolve_autocast(spec.train.precision, device)
     ema = EMA(backbone, spec.train.ema.decay, spec.train.ema.warmup_steps) if with_ema else None
     return Graph(
-        spec=spec, device=device, autocast_dtype=resolve_autocast(spec.train.precision, device),
+        spec=spec, device=device, autocast_dtype=autocast_dtype,
         input_shape=input_shape, latent_shape=latent_shape, num_classes=num_classes,
         autoencoder=autoencoder, teachers=teachers, modality=modality, train_module=train_module, ema=ema,
         solver=SOLVERS.build(spec.solver), attention=bb_params.attention.type if has_attention else None, latent_stats=latent_stats,
+        attention_kernel=attention_kernel(backbone, device, autocast_dtype),
     )
+
+
+def attention_kernel(backbone: nn.Module, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """Which kernel the backbone's attention backend runs for one sample of its shapes (``kernel_name``); None
+    for backbones without attention and on the meta device."""
+    attn = getattr(backbone, "attention_backend", None)
+    heads, hidden = getattr(backbone, "heads", None), getattr(backbone, "hidden", None)
+    if attn is None or device.type == "meta" or not heads or not hidden:
+        return None
+    q = torch.zeros(1, int(backbone.num_tokens), heads, hidden // heads, device=device, dtype=dtype or torch.float32)
+    return attn.kernel_name(q)
 
 
 def check_latent_cache(spec: Any, autoencoder: nn.Module, latent_shape: Any) -> Any:

@@ -57,8 +57,7 @@ class Stepper:
     def __init__(self, graph: Graph, info: DistInfo):
         self.graph, self.info, tr = graph, info, graph.spec.train
         tm = graph.train_module
-        if tr.compile:
-            tm.backbone.compile()  # in place: state-dict keys stay the same
+        self.compiled = tm.compile_step() if tr.compile else None  # "loss" (the whole step's graph) or "backbone"
         self.model = DDP(tm, device_ids=[info.device.index] if info.device.type == "cuda" else None) if info.enabled else tm
         self.params = [p for p in tm.parameters() if p.requires_grad]
         self.opt = build_optimizer(self.params, tr, info.device)
@@ -379,4 +378,5 @@ def run_meta(graph: Graph, info: DistInfo) -> dict[str, Any]:
     from registry.plugins import _loaded
 
     return {"versions": versions, "plugins": dict(_loaded), "device": str(graph.device), "world_size": info.world_size,
-            "attention": graph.attention, "autocast": str(graph.autocast_dtype)}
+            "attention": graph.attention, "attention_kernel": graph.attention_kernel, "autocast": str(graph.autocast_dtype),
+            "compiled": bool(graph.spec.train.compile)}

@@ -15,7 +15,8 @@ from registry.kinds import ATTENTION, BACKBONES
 from zoo.core.protocols import Attention, Backbone
 from zoo.backbones.sit import SiT, SiTParams, _modulate
 from zoo.layers.attention import (MathAttentionParams, SDPAAttention, SDPAAttentionParams, XFormersAttention,
-                                  XFormersAttentionParams, build_attention, default_attention)
+                                  XFormersAttentionParams, attention_candidates, build_attention,
+                                  default_attention)
 from zoo.layers.embed import LabelEmbedder, sincos_pos_embed_2d, timestep_embedding
 
 P, NUM_CLASSES = 8, 5
@@ -255,6 +256,32 @@ def test_sdpa_matches_math_on_cpu():
         sdpa(q, k, v, mask.float())
 
 
+@pytest.mark.parametrize("kernel", ["auto", "flash", "math", "efficient"])
+def test_sdpa_forced_kernels_and_masks_on_cpu(kernel):
+    """A forced SDPA kernel computes the same attention, with and without a mask (a kernel that takes no mask,
+    or does not exist on CPU, falls back to those that do), and names what runs."""
+    sdpa = build_attention(SDPAAttentionParams(type="sdpa", kernel=kernel), "cpu")
+    ref = build_attention(MathAttentionParams(type="math"), "cpu")
+    q, k, v, mask = _qkv()
+    assert_close(sdpa(q, k, v, mask), ref(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    if kernel in ("auto", "flash", "math"):  # CPU has no memory-efficient kernel: only masked calls run it
+        assert_close(sdpa(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
+    name = sdpa.kernel_name(q)
+    assert name == (f"sdpa/{'flash_attention' if kernel == 'flash' else kernel}" if kernel in ("flash", "math")
+                    else name) and name.startswith("sdpa/") and name != "sdpa/unknown"
+    assert ref.kernel_name(q) == "math"
+
+
+def test_forced_sdpa_kernel_traces_into_one_graph():
+    """The CUDA default is a forced SDPA kernel; its ``sdpa_kernel`` context must not break train.compile's graph."""
+    attn = build_attention(SDPAAttentionParams(type="sdpa", kernel="math"), "cpu")
+    q, k, v, mask = _qkv()
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v, m: attn(q, k, v, m) + attn(q, k, v), backend="eager", fullgraph=True)
+    assert_close(f(q, k, v, mask), attn(q, k, v, mask) + attn(q, k, v), atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_default_attention_and_cpu_errors():
     assert default_attention(torch.device("cpu")) == SDPAAttentionParams(type="sdpa")
     assert isinstance(build_attention(None, "cpu"), SDPAAttention)
@@ -283,7 +310,7 @@ def test_backbone_uses_chosen_backend():
 def test_backends_agree_on_cuda(dtype, tol):
     ref = build_attention(MathAttentionParams(type="math"), "cuda")
     backends = [build_attention(SDPAAttentionParams(type="sdpa"), "cuda"),
-                build_attention(XFormersAttentionParams(type="xformers"), "cuda")]
+                *(build_attention(p, "cuda") for p in attention_candidates(torch.cuda.current_device()))]
     for n in (10, 64):  # 10: the xformers bias needs padding to a multiple of 8
         q, k, v, mask = _qkv(b=2, n=n, h=4, dh=72, dtype=dtype, device="cuda")
         for m in (None, mask):
@@ -293,3 +320,7 @@ def test_backends_agree_on_cuda(dtype, tol):
                 assert got.dtype == dtype and got.shape == q.shape
                 assert_close(got.float(), want, atol=tol, rtol=tol, msg=f"{attn!r} n={n}")
     assert default_attention(torch.device("cuda")).type in ("xformers", "sdpa")
+    best = default_attention(torch.device("cuda"), (256, 16, 72))              # SiT-XL/2 shapes
+    assert best in attention_candidates(torch.cuda.current_device())
+    q = torch.zeros(1, 256, 16, 72, device="cuda", dtype=torch.bfloat16)
+    assert "unknown" not in build_attention(best, "cuda").kernel_name(q)

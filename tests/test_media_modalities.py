@@ -214,8 +214,9 @@ def test_selfflow_timesteps_shared_or_per_modality(per_modality, monkeypatch):
             self.lin = torch.nn.Linear(4, 8)
 
         def forward(self, x, t, y, taps=(), stop_after=None, attn_mask=None):
+            from zoo.core.time import token_times
             from zoo.core.types import BackboneOut
-            seen.setdefault("t", t)
+            seen.setdefault("t", token_times(t))
             h = self.lin(x)
             return BackboneOut(None if stop_after else x * 0 + h.sum(-1, keepdim=True), {k: h for k in taps})
 

@@ -18,6 +18,7 @@ from registry.spec import load_spec, resolved_dict, validate
 from tests.helpers import SPECS, load_raw
 from zoo.backbones.sit import SiT, SiTParams
 from zoo.core.protocols import Objective, TokenMask
+from zoo.core.time import token_times
 from zoo.core.types import BackboneOut, StepContext, StepRNG, TokenBatch
 from zoo.objectives.masks import mask_count
 from zoo.objectives.selfflow import SelfFlow, SelfFlowParams, default_blocks
@@ -56,7 +57,7 @@ class Rec(nn.Module):
         self.calls = []
 
     def forward(self, x, t, y, *, taps=(), stop_after=None, attn_mask=None):
-        self.calls.append(dict(x=x, t=t, y=y, taps=taps, stop_after=stop_after, attn_mask=attn_mask))
+        self.calls.append(dict(x=x, t=token_times(t), y=y, taps=taps, stop_after=stop_after, attn_mask=attn_mask))
         feats = {k: x @ self.w.to(x.dtype) for k in taps}
         return BackboneOut(None if stop_after else x * self.w.sum(), feats)
 

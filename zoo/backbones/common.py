@@ -1,11 +1,13 @@
 """What the DiT-family backbones (``sit``, ``mmdit``) share: the checks of ``forward``'s arguments and the
-per-sample or per-(sample, t) conditioning ``c = t_embedder(t) + y_embedder(y)``."""
+per-sample, per-(sample, group) or per-(sample, t) conditioning ``c = t_embedder(t) + y_embedder(y)``."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from zoo.core.time import GroupedTimes, Times
 
 
 def check_forward_args(net: Any, x: Tensor, y: Tensor | None, taps: tuple[int, ...], stop_after: int | None,
@@ -41,19 +43,37 @@ def check_forward_args(net: Any, x: Tensor, y: Tensor | None, taps: tuple[int, .
     return taps, y
 
 
-def conditioning(t_embedder: nn.Module, y_embedder: nn.Module, t: Tensor, y: Tensor,
+def conditioning(t_embedder: nn.Module, y_embedder: nn.Module, t: Times, y: Tensor,
                  n: int) -> tuple[Tensor, Tensor | None]:
-    """``c = t_embedder(t) + y_embedder(y)`` ``(K, D)`` and the token -> pair index ``(B, N)`` (None when ``t``
-    is ``(B,)``, ``K = B``).
+    """``c = t_embedder(t) + y_embedder(y)`` ``(K, D)`` and the token -> row index ``(B, N)`` into ``c``
+    (None when every sample has one time: ``K = B``, rows broadcast over tokens).
 
-    For ``t`` ``(B, N)`` the pairs are the distinct ``(b, t[b, i])``, sorted by ``b`` then ``t``; the
-    t-embedding, label embedding and (later) every adaLN MLP run once per pair, not per token.
+    * ``t`` ``(B,)``: ``K = B``, index None.
+    * ``t`` :class:`~zoo.core.time.GroupedTimes` (``values`` ``(B, G)``, ``index`` ``(B, N)``): ``K = B G``,
+      row ``b G + g`` for sample ``b``, group ``g``; static shapes, no host synchronisation (``G = 1`` is
+      the ``(B,)`` path). Every adaLN MLP then runs on ``B G`` rows and each token reads its row.
+    * ``t`` ``(B, N)`` (arbitrary per-token times): the rows are the distinct ``(b, t[b, i])``, sorted by
+      ``b`` then ``t`` (``torch.unique``: a data-dependent size, and a host sync on CUDA).
     """
     b = y.shape[0]
+    if isinstance(t, GroupedTimes):
+        values, index = t.values, t.index
+        if values.dim() != 2 or values.shape[0] != b or not values.is_floating_point():
+            raise ValueError(f"GroupedTimes.values must be float (B, G) with B = {b}; got {values.dtype} "
+                             f"{tuple(values.shape)}")
+        if tuple(index.shape) != (b, n) or index.dtype != torch.long:
+            raise ValueError(f"GroupedTimes.index must be int64 (B, N) = ({b}, {n}); got {index.dtype} "
+                             f"{tuple(index.shape)}")
+        g = values.shape[1]
+        if g == 1:
+            return t_embedder(values[:, 0]) + y_embedder(y), None
+        c = t_embedder(values.reshape(-1)) + y_embedder(y[:, None].expand(b, g).reshape(-1))   # (B G, D)
+        return c, index + g * torch.arange(b, device=index.device)[:, None]
     if t.dim() == 1 and t.shape[0] == b:
         return t_embedder(t) + y_embedder(y), None
     if t.dim() != 2 or tuple(t.shape) != (b, n):
-        raise ValueError(f"t must have shape (B,) = ({b},) or (B, N) = ({b}, {n}); got {tuple(t.shape)}")
+        raise ValueError(f"t must have shape (B,) = ({b},) or (B, N) = ({b}, {n}), or be GroupedTimes; "
+                         f"got {tuple(t.shape)}")
     t_vals, t_idx = torch.unique(t, return_inverse=True)                 # (U,), (B, N)
     u = t_vals.numel()
     keys = torch.arange(b, device=t.device)[:, None] * u + t_idx           # (B, N) pair key b * U + t-rank

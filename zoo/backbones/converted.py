@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from registry.kinds import BACKBONES
 from zoo.backbones.sit import FinalLayer, SiT, SiTParams
-from zoo.core.time import sit_time
+from zoo.core.time import Times, sit_time
 from zoo.core.types import BackboneOut
 
 
@@ -80,10 +80,10 @@ class SiTTimeFlip(SiT):
         b, n, _ = out.shape
         return out.reshape(b, n, -1, 2 * self.channels)[..., : self.channels].reshape(b, n, self.token_dim)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, taps: tuple[int, ...] = (),
+    def forward(self, x: Tensor, t: Times, y: Tensor | None, *, taps: tuple[int, ...] = (),
                 stop_after: int | None = None, **kwargs: Any) -> BackboneOut:
         """``v_RF(x, t) = -net(x, 1 - t)``; arguments and shapes as :meth:`SiT.forward` (``t`` in RF time,
-        ``(B,)`` or ``(B, N)``; other keyword arguments, e.g. an attention mask, pass through unchanged)."""
+        ``(B,)``, ``(B, N)`` or ``GroupedTimes``; other keyword arguments, e.g. an attention mask, pass through unchanged)."""
         out = super().forward(x, sit_time(t), y, taps=taps, stop_after=stop_after, **kwargs)
         if out.pred is None:
             return out

@@ -29,8 +29,9 @@ modulation and the output projections **zero**, so every gate is 0 (each block s
 ``pred`` starts at 0. (Zeroing the residual branch projections as well would leave gate and branch with zero
 gradients forever; only the gates are zeroed.)
 
-Per-token timesteps (Self-Flow): ``t`` ``(B, N)``; the conditioning and all modulation layers run once per
-distinct ``(sample, t)`` pair and are gathered per token; a ``t`` shared by all tokens equals the ``(B,)``
+Per-token timesteps (Self-Flow): ``t`` :class:`~zoo.core.time.GroupedTimes` or ``(B, N)``; the conditioning
+and all modulation layers run once per ``(sample, group)`` (or distinct ``(sample, t)``) row and are indexed
+per token; a ``t`` shared by all tokens equals the ``(B,)``
 path. Block indices for ``taps`` / ``stop_after`` are 1-based over double then single blocks; a double
 block's feature is its segments' states concatenated in layout order ``(B, N, D)``. With Self-Flow's
 ``round(0.3 D)`` / ``round(0.7 D)`` at ``D = 7 + 14 = 21``, student block 6 is the 6th double block and
@@ -53,6 +54,7 @@ from registry.kinds import BACKBONES, POSITIONS
 from zoo.backbones.common import check_forward_args, conditioning
 from zoo.core.layout import TokenLayout
 from zoo.core.params import ZooParams
+from zoo.core.time import Times
 from zoo.core.types import BackboneOut
 from zoo.layers.attention import build_attention
 from zoo.layers.embed import LabelEmbedder, TimestepEmbedder
@@ -328,19 +330,20 @@ class Mmdit(nn.Module):
             nn.init.zeros_(layer.bias)
 
     # ------------------------------------------------------------------------------------ conditioning
-    def _conditioning(self, t: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor | None]:
+    def _conditioning(self, t: Times, y: Tensor, n: int) -> tuple[Tensor, Tensor | None]:
         """``c`` ``(K, D)`` and the token -> pair index ``(B, N)`` (None when ``t`` is ``(B,)``, ``K = B``);
         for ``t`` ``(B, N)`` the pairs are the distinct ``(b, t[b, i])``, sorted by ``b`` then ``t``."""
         return conditioning(self.t_embedder, self.y_embedder, t, y, n)
 
     # ----------------------------------------------------------------------------------------- forward
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, taps: tuple[int, ...] = (),
+    def forward(self, x: Tensor, t: Times, y: Tensor | None, *, taps: tuple[int, ...] = (),
                 stop_after: int | None = None, attn_mask: Tensor | None = None) -> BackboneOut:
         """Velocity prediction and tapped features.
 
         Args:
             x: ``(B, N, P)`` noisy tokens (channels past a segment's ``token_dim`` are ignored).
-            t: ``(B,)`` or ``(B, N)`` RF time in [0, 1].
+            t: RF time in [0, 1]: ``(B,)``, ``(B, N)`` or :class:`~zoo.core.time.GroupedTimes` (``(B, G)``
+                times and each token's group; static shapes, the path of Self-Flow's two times per sample).
             y: ``(B,)`` int64 labels in ``0 .. num_classes`` (``num_classes`` = null), or None = all null.
             taps: 1-based block indices (double blocks first, then single) whose outputs ``(B, N, D)`` go
                 into ``features``.

@@ -18,10 +18,12 @@ Tokens arrive already patchified: ``x`` ``(B, N, P)`` with ``N = h * w`` in row-
 (``x.reshape(B, h, w, p, p, C)``) -- what ``zoo.modalities.image`` produces. The model predicts tokens in
 the same layout. Time is RF time (:mod:`zoo.core.time`); nothing here flips it.
 
-Per-token timesteps (Self-Flow, method §1.5/§5.2): ``t`` may be ``(B, N)``. The conditioning, the timestep
-MLP and every adaLN MLP then run once per *distinct* ``(sample, t)`` pair (``torch.unique``), and the
-modulation is gathered to ``(B, N, 6D)``; a ``t`` shared by all tokens of a sample gives bit-identical
-outputs to the ``(B,)`` path (same matrices in the same order).
+Per-token timesteps (Self-Flow, method §1.5/§5.2): ``t`` may be :class:`~zoo.core.time.GroupedTimes`
+(``(B, G)`` times and each token's group, what the objectives pass) or ``(B, N)`` (arbitrary times). The
+conditioning, the timestep MLP and every adaLN MLP then run once per ``(sample, group)`` row (or per
+*distinct* ``(sample, t)`` pair, found with ``torch.unique``, for ``(B, N)``), and each token reads its row of
+the modulation (an index that ``torch.compile`` fuses into the modulate ops); a ``t`` shared by all tokens of
+a sample gives bit-identical outputs to the ``(B,)`` path (same matrices in the same order).
 
 Weight names follow DiT so official SiT/DiT checkpoints convert with few changes: ``x_embedder`` (a
 ``Linear(P, D)``; DiT's conv ``x_embedder.proj.weight`` ``(D, C, p, p)`` maps to
@@ -43,6 +45,7 @@ from registry.kinds import BACKBONES
 from zoo.backbones.common import check_forward_args, conditioning
 from zoo.core.params import ZooParams
 from zoo.core.layout import TokenLayout
+from zoo.core.time import Times
 from zoo.core.types import BackboneOut
 from zoo.layers.attention import build_attention
 from zoo.layers.embed import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
@@ -218,7 +221,7 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     # ------------------------------------------------------------------------------------ conditioning
-    def _conditioning(self, t: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor | None]:
+    def _conditioning(self, t: Times, y: Tensor, n: int) -> tuple[Tensor, Tensor | None]:
         """``c`` ``(K, D)`` and the token -> pair index ``(B, N)`` (None when ``t`` is ``(B,)``, ``K = B``).
 
         For ``t`` ``(B, N)`` the pairs are the distinct ``(b, t[b, i])``, sorted by ``b`` then ``t``; the
@@ -227,13 +230,14 @@ class SiT(nn.Module):
         return conditioning(self.t_embedder, self.y_embedder, t, y, n)
 
     # ----------------------------------------------------------------------------------------- forward
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, taps: tuple[int, ...] = (),
+    def forward(self, x: Tensor, t: Times, y: Tensor | None, *, taps: tuple[int, ...] = (),
                 stop_after: int | None = None, attn_mask: Tensor | None = None) -> BackboneOut:
         """Velocity prediction and tapped features.
 
         Args:
             x: ``(B, N, P)`` noisy tokens.
-            t: ``(B,)`` or ``(B, N)`` RF time in [0, 1].
+            t: RF time in [0, 1]: ``(B,)``, ``(B, N)`` or :class:`~zoo.core.time.GroupedTimes` (``(B, G)``
+                times and each token's group; static shapes, the path of Self-Flow's two times per sample).
             y: ``(B,)`` int64 labels in ``0 .. num_classes`` (``num_classes`` = null), or None = all null.
             taps: 1-based block indices whose outputs ``(B, N, D)`` go into ``features``.
             stop_after: run blocks ``1 .. stop_after`` only and return ``pred=None``.

@@ -22,7 +22,8 @@ class Backbone(Protocol):
     ``layout: TokenLayout`` (:mod:`zoo.core.layout`: modality segments and token coordinates).
 
     Class labels are ``0 .. num_classes - 1``; ``null_label == num_classes`` is the CFG null row.
-    ``forward(x (B,N,P), t (B,) or (B,N), y (B,) | None, taps=(), stop_after=None) -> BackboneOut``;
+    ``forward(x (B,N,P), t (B,), (B,N) or GroupedTimes, y (B,) | None, taps=(), stop_after=None) -> BackboneOut``
+    (:class:`zoo.core.time.GroupedTimes`: ``(B, G)`` times and each token's group, static shapes);
     ``taps`` are 1-based block indices whose outputs go into ``features``; with ``stop_after=k`` the
     blocks after ``k`` (and the output head) are skipped and ``pred`` is None.
     """
@@ -123,6 +124,17 @@ class Metric:
     ``uses_model`` instead ``metric.evaluate_model(graph) -> {name: value}`` on the model itself (linear probes)."""
 
     uses_model: ClassVar[bool] = False
+
+
+@runtime_checkable
+class DrawnObjective(Objective, Protocol):
+    """An objective whose randomness is drawn apart from its loss (``flow_matching``, ``selfflow``, ``repa``), so
+    that ``train.compile`` traces the whole loss as one graph: ``forward(student, batch, ctx) ==
+    loss(student, batch, draw(student, batch, ctx.rng), ctx.ema)``. ``draw`` makes every generator call
+    (eager); ``loss`` is tensor code without host synchronisation (``torch.compile(fullgraph=True)`` works)."""
+
+    def draw(self, student: torch.nn.Module, batch: TokenBatch, rng: StepRNG) -> Any: ...
+    def loss(self, student: torch.nn.Module, batch: TokenBatch, draws: Any, ema: torch.nn.Module | None) -> LossOut: ...
 
 
 @runtime_checkable

@@ -11,7 +11,41 @@ inside a backbone: SiT's ``ICPlan`` puts data at ``t_sit = 1`` (``t_sit = 1 - t`
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Union
+
 from torch import Tensor
+
+
+class GroupedTimes(NamedTuple):
+    """Per-token times given by groups: ``G`` distinct times per sample and each token's group.
+
+    ``values`` ``(B, G)`` float RF times; ``index`` ``(B, N)`` int64 in ``0 .. G - 1``. Token ``i`` of sample
+    ``b`` has time ``values[b, index[b, i]]``. Self-Flow's dual-timestep scheduling is ``G = 2``
+    (``values = (t, s)``, ``index`` = the mask); per-modality draws use ``G = 2 S``. Backbones run their
+    conditioning once per ``(sample, group)``, with shapes fixed by ``(B, G, N)`` (no search for distinct
+    times, no host synchronisation). Indices outside ``0 .. G - 1`` are not checked (that would read the
+    device); they are an error of the caller.
+    """
+
+    values: Tensor
+    index: Tensor
+
+    def per_token(self) -> Tensor:
+        """``(B, N)`` time of every token."""
+        return self.values.gather(1, self.index)
+
+    def with_values(self, values: Tensor) -> "GroupedTimes":
+        """The same groups with other ``(B, G)`` times (e.g. ``1 - values``)."""
+        return GroupedTimes(values, self.index)
+
+
+Times = Union[Tensor, GroupedTimes]
+"""What a backbone's ``forward`` takes as ``t``: ``(B,)``, ``(B, N)`` or :class:`GroupedTimes`."""
+
+
+def token_times(t: Times) -> Tensor:
+    """``t`` as a plain tensor: ``(B,)`` or ``(B, N)`` unchanged, :class:`GroupedTimes` -> ``(B, N)``."""
+    return t.per_token() if isinstance(t, GroupedTimes) else t
 
 
 def expand_time(t: Tensor, like: Tensor) -> Tensor:
@@ -37,6 +71,7 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     return t + t * (1 - t) * (shift - 1) / (1 + (shift - 1) * t)
 
 
-def sit_time(t: Tensor) -> Tensor:
-    """Our time to SiT's (``1 - t``); the same map converts back."""
-    return 1 - t
+def sit_time(t: Times) -> Times:
+    """Our time to SiT's (``1 - t``); the same map converts back. Keeps the groups of a :class:`GroupedTimes`."""
+    return t.with_values(1 - t.values) if isinstance(t, GroupedTimes) else 1 - t
+

@@ -8,10 +8,16 @@ computing ``softmax(q k^T / sqrt(Dh)) v`` per sample and head. ``mask`` is an op
 with True where query ``i`` may attend to key ``j``; a query row with no allowed key gives NaN in every
 backend (no backend invents a fallback).
 
-* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient / math kernels
-  chosen by torch); works on every device; the default off CUDA.
-* ``xformers``: ``xformers.ops.memory_efficient_attention`` (FA2/FA3/cutlass kernels); CUDA only; the
-  mask is passed as an additive bias (0 allowed, -inf blocked). The default on CUDA when it works.
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; ``kernel`` ``auto`` lets torch choose
+  (flash / memory-efficient / cuDNN / math), or forces one (``flash``, ``efficient``, ``cudnn``, ``math``; with a
+  mask, a forced kernel that takes none falls back to those that do); works on every device; the default off CUDA.
+* ``xformers``: ``xformers.ops.memory_efficient_attention`` (FA3 where its op is installed, else FA2/cutlass);
+  CUDA only (the ``gpu`` extra installs it); the mask is passed as an additive bias (0 allowed, -inf blocked).
+
+On CUDA the default (:func:`default_attention`) is the fastest candidate that runs for the model's shapes,
+timed once per (device, shapes) in bf16 forward + backward: SDPA cuDNN, SDPA flash, SDPA memory-efficient and
+xformers when it works. ``kernel_name`` says which kernel a backend runs for given inputs (``meta.json`` and
+``runtime.bench`` print it).
 * ``math``: the reference formula in fp32 (slow; for tests and debugging), output cast back to ``q.dtype``.
 
 Backends hold no weights and are not ``nn.Module`` s, so they never appear in a state dict.
@@ -31,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from registry.kinds import ATTENTION
 from zoo.core.params import ZooParams
@@ -52,6 +59,14 @@ class SDPAAttentionParams(ZooParams):
     """PyTorch's fused scaled dot-product attention."""
 
     type: Literal["sdpa"] = Field(..., description="torch.nn.functional.scaled_dot_product_attention.")
+    kernel: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
+        "auto", description="auto = torch's choice; else force that SDPA kernel (with a mask, a kernel that takes "
+                            "no mask falls back to efficient / cuDNN / math).")
+
+
+_SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+_MASKED = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]  # kernels taking a mask
 
 
 @ATTENTION.register
@@ -63,16 +78,37 @@ class SDPAAttention:
 
     def __init__(self, params: SDPAAttentionParams):
         self.params = params
+        forced = _SDPA_KERNELS.get(params.kernel)
+        # (without a mask, with a mask): the forced kernel first, then, with a mask, the others that take one
+        self._kernels = None if forced is None else ([forced], [forced] * (forced in _MASKED) + [
+            k for k in _MASKED if k != forced])
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         _check(q, k, v, mask)
         attn_mask = None if mask is None else mask[:, None]  # (B, 1, N, N), broadcast over heads
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=attn_mask)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self._kernels is None:
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask)
+        else:
+            with sdpa_kernel(self._kernels[mask is not None], set_priority=True):
+                out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask)
         return out.transpose(1, 2)
 
+    def kernel_name(self, q: Tensor, masked: bool = False) -> str:
+        """``sdpa/<kernel>`` that runs for q, k, v like ``q`` ``(B, N, H, Dh)`` (torch's own choice for ``auto``)."""
+        if self._kernels is not None:
+            kernels = self._kernels[masked]
+            if len(kernels) == 1:
+                return f"sdpa/{kernels[0].name.lower()}"
+        qt = q.transpose(1, 2)
+        mask = torch.ones(q.shape[0], 1, q.shape[1], q.shape[1], dtype=torch.bool, device=q.device) if masked else None
+        try:
+            return f"sdpa/{SDPBackend(torch._fused_sdp_choice(qt, qt, qt, attn_mask=mask)).name.lower()}"
+        except Exception:  # a torch without the private chooser
+            return "sdpa/unknown"
+
     def __repr__(self) -> str:
-        return "SDPAAttention()"
+        return "SDPAAttention()" if self.params.kernel == "auto" else f"SDPAAttention(kernel={self.params.kernel!r})"
 
 
 # --------------------------------------------------------------------------------------------- xformers
@@ -124,6 +160,16 @@ class XFormersAttention:
             bias = full[..., :n]
         return self._fn(q, k, v, attn_bias=bias)
 
+    def kernel_name(self, q: Tensor, masked: bool = False) -> str:
+        """``xformers/<op>``: the forward op xformers dispatches to for inputs like ``q`` (e.g. an FA3 op)."""
+        try:
+            from xformers.ops import fmha
+
+            bias = torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[1], dtype=q.dtype, device=q.device) if masked else None
+            return f"xformers/{fmha._dispatch_fw(fmha.Inputs(q, q, q, attn_bias=bias), False).NAME}"
+        except Exception:
+            return "xformers/unknown"
+
     def __repr__(self) -> str:
         return "XFormersAttention()"
 
@@ -155,6 +201,10 @@ class MathAttention:
         out = scores.softmax(dim=-1) @ vf                                    # (B, H, N, Dh)
         return out.transpose(1, 2).to(q.dtype)
 
+    def kernel_name(self, q: Tensor, masked: bool = False) -> str:
+        """Always ``math`` (the explicit fp32 formula)."""
+        return "math"
+
     def __repr__(self) -> str:
         return "MathAttention()"
 
@@ -175,15 +225,60 @@ def xformers_works(device_index: int = 0) -> bool:
         return False
 
 
-def default_attention(device: torch.device | str) -> ZooParams:
-    """Params of the backend to use on ``device``: ``xformers`` on CUDA when it imports (and runs),
-    else ``sdpa``."""
+def default_attention(device: torch.device | str, shape: tuple[int, int, int] | None = None) -> ZooParams:
+    """Params of the backend to use on ``device``: ``sdpa`` (torch's choice) off CUDA; on CUDA the fastest
+    candidate that runs for ``shape`` = ``(N, heads, head_dim)`` (:func:`fastest_attention`), or, without a
+    shape, ``xformers`` when it works, else ``sdpa``."""
     device = torch.device(device)
     if device.type != "cuda":
         return SDPAAttentionParams(type="sdpa")
-    if xformers_works(device.index if device.index is not None else torch.cuda.current_device()):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if shape is not None:
+        return fastest_attention(index, *shape)
+    if xformers_works(index):
         return XFormersAttentionParams(type="xformers")
     return SDPAAttentionParams(type="sdpa")
+
+
+def attention_candidates(device_index: int) -> list[ZooParams]:
+    """The CUDA backends worth timing: SDPA's cuDNN, flash and memory-efficient kernels, xformers if it works."""
+    out: list[ZooParams] = [SDPAAttentionParams(type="sdpa", kernel=k) for k in ("cudnn", "flash", "efficient")]
+    if xformers_works(device_index):
+        out.append(XFormersAttentionParams(type="xformers"))
+    return out
+
+
+def time_attention(params: ZooParams, q: Tensor, reps: int = 5) -> float:
+    """Median seconds of one forward + backward of backend ``params`` on ``q = k = v`` ``(B, N, H, Dh)``
+    (CUDA events); raises whatever the backend raises when it cannot run these inputs."""
+    attn = ATTENTION.build(params)
+    x = q.detach().requires_grad_(True)
+    times = []
+    for i in range(reps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        attn(x, x, x).sum().backward()
+        end.record()
+        end.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+@functools.lru_cache(maxsize=None)
+def fastest_attention(device_index: int, n: int, heads: int, head_dim: int, batch: int = 8) -> ZooParams:
+    """The fastest candidate (:func:`attention_candidates`) for bf16 ``(batch, n, heads, head_dim)`` on
+    ``cuda:device_index``; candidates that fail on these shapes are skipped; ``sdpa`` auto if all fail."""
+    q = torch.randn(batch, n, heads, head_dim, device=torch.device("cuda", device_index), dtype=torch.bfloat16)
+    best: tuple[float, ZooParams] | None = None
+    for params in attention_candidates(device_index):
+        try:
+            t = time_attention(params, q)
+        except Exception:  # this kernel does not run these shapes (head dim, sequence length, GPU)
+            continue
+        if best is None or t < best[0]:
+            best = (t, params)
+    return best[1] if best is not None else SDPAAttentionParams(type="sdpa")
 
 
 def build_attention(params: ZooParams | None, device: torch.device | str) -> Any:

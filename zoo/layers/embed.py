@@ -12,7 +12,9 @@ without changes:
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +41,15 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: Tensor) -> Tensor:
+        """In the weights' dtype (fp32 in training) with autocast off: bf16 would round nearby times together."""
         freq = timestep_embedding(t, self.frequency_dim)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+        with _autocast_off(freq.device):
+            return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+def _autocast_off(device: torch.device) -> Any:
+    """``torch.autocast(..., enabled=False)`` on CPU / CUDA; nothing elsewhere (e.g. the meta device)."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
 
 
 class LabelEmbedder(nn.Module):

@@ -109,8 +109,9 @@ class Rope:
         if coords.dim() != 2 or coords.shape[1] != 3:
             raise ValueError(f"rope: coords must be (N, 3) = (time s, row, column); got {tuple(coords.shape)}")
         pos = coords.float() * torch.tensor([self.params.time_scale, 1.0, 1.0], device=coords.device)
-        axis = torch.repeat_interleave(torch.arange(3, device=coords.device),
-                                       torch.tensor([d // 2 for d in self.axes_dim], device=coords.device))
+        # the axis of every frequency, from Python ints: a tensor of repeats would make the size data-dependent
+        axis = torch.tensor([a for a, d in enumerate(self.axes_dim) for _ in range(d // 2)], dtype=torch.long,
+                            device=coords.device)
         ang = pos[:, axis] * self.frequencies(coords.device)                  # (N, rotary_dim / 2)
         rest = self.head_dim // 2 - ang.shape[1]
         cos = torch.cat([torch.cos(ang), ang.new_ones(ang.shape[0], rest)], dim=1)

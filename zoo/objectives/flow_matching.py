@@ -13,7 +13,7 @@ Draw order from ``ctx.rng`` in :class:`FlowMatching` (fixed; changing it changes
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,15 @@ def flow_loss(pred: Tensor, target: Tensor, layout: TokenLayout | None = None,
     return loss, ({f"loss_flow_{k}": v.detach() for k, v in parts.items()} if len(parts) > 1 else {})
 
 
+class FlowDraws(NamedTuple):
+    """Vanilla flow matching's draws: ``t`` ``(B,)``, ``x1`` ``(B, N, P)``, ``y`` ``(B,)`` after label dropout
+    (None without labels)."""
+
+    t: Tensor
+    x1: Tensor
+    y: Tensor | None
+
+
 def null_label_of(student: nn.Module) -> int:
     """The backbone's CFG null label (``num_classes``), looking through a DDP / compile wrapper."""
     for m in (student, getattr(student, "module", None), getattr(student, "_orig_mod", None)):
@@ -115,14 +124,22 @@ class FlowMatching(ObjectiveModule):
         self.params, self.layout = params, layout
         self.timesteps = build_timesteps(params.timesteps)
 
-    def forward(self, student: nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut:
-        """``batch.x0`` ``(B, N, P)``, ``batch.y`` ``(B,)`` or None; ``student(x_t, t (B,), y).pred`` ``(B, N, P)``."""
-        x0, rng = batch.x0, ctx.rng
+    def draw(self, student: nn.Module, batch: TokenBatch, rng: StepRNG) -> FlowDraws:
+        """The step's randomness, in the documented order (eager: the generator cannot be traced)."""
+        x0 = batch.x0
         t = self.timesteps.sample(rng).to(x0.device)                        # (B,)
         x1 = draw_noise(rng, x0)                                            # (B, N, P)
         null = null_label_of(student) if batch.y is not None else -1
         y = drop_labels(batch.y, rng, self.params.label_dropout, null)     # (B,) or None
-        xt, target = noised(x0, x1, t)
-        pred = student(xt, t, y).pred
+        return FlowDraws(t, x1, y)
+
+    def loss(self, student: nn.Module, batch: TokenBatch, d: FlowDraws, ema: nn.Module | None = None) -> LossOut:
+        """Pure tensor code (one ``torch.compile`` graph): ``student(x_t, t (B,), y).pred`` ``(B, N, P)``."""
+        xt, target = noised(batch.x0, d.x1, d.t)
+        pred = student(xt, d.t, d.y).pred
         loss, per_modality = flow_loss(pred, target, self.layout, self.params.modality_weights)
         return LossOut(loss=loss, metrics={"loss_flow": loss.detach(), **per_modality})
+
+    def forward(self, student: nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut:
+        """``batch.x0`` ``(B, N, P)``, ``batch.y`` ``(B,)`` or None: ``loss(draw(...))``."""
+        return self.loss(student, batch, self.draw(student, batch, ctx.rng), ctx.ema)

@@ -32,9 +32,9 @@ from registry.kinds import OBJECTIVES
 from zoo.core.layout import TokenLayout
 from zoo.core.params import FieldError, ZooParams
 from zoo.core.protocols import ObjectiveModule
-from zoo.core.types import LossOut, StepContext, TokenBatch
+from zoo.core.types import LossOut, StepContext, StepRNG, TokenBatch
 from zoo.layers.heads import build_projector, projector_flops
-from zoo.objectives.flow_matching import draw_noise, drop_labels, flow_loss, noised, null_label_of
+from zoo.objectives.flow_matching import FlowDraws, draw_noise, drop_labels, flow_loss, noised, null_label_of
 from zoo.objectives.timesteps import UniformTimestepsParams, build_timesteps
 
 
@@ -250,15 +250,25 @@ class REPA(ObjectiveModule):
         return video[:, :, idx].permute(0, 2, 1, 3, 4).reshape(b * steps, c, h, w)
 
     # ------------------------------------------------------------------------------------ forward
-    def forward(self, student: nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut:
-        """``batch.x0`` ``(B, N, P)``, ``batch.y`` ``(B,)`` or None, ``batch.raw`` ``(B, *input_shape)`` in [-1, 1]."""
-        p, x0, rng = self.params, batch.x0, ctx.rng
+    def draw(self, student: nn.Module, batch: TokenBatch, rng: StepRNG) -> FlowDraws:
+        """The step's randomness: exactly :meth:`FlowMatching.draw`'s (t, noise, label dropout)."""
+        x0 = batch.x0
         t = self.timesteps.sample(rng).to(x0.device)                        # (B,)
         x1 = draw_noise(rng, x0)                                            # (B, N, P)
         null = null_label_of(student) if batch.y is not None else -1
-        y = drop_labels(batch.y, rng, p.label_dropout, null)               # (B,) or None
-        xt, target = noised(x0, x1, t)
-        out = student(xt, t, y, taps=(self.align_depth,))
+        y = drop_labels(batch.y, rng, self.params.label_dropout, null)     # (B,) or None
+        return FlowDraws(t, x1, y)
+
+    def forward(self, student: nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut:
+        """``batch.x0`` ``(B, N, P)``, ``batch.y`` ``(B,)`` or None, ``batch.raw`` ``(B, *input_shape)`` in [-1, 1]:
+        ``loss(draw(...))``."""
+        return self.loss(student, batch, self.draw(student, batch, ctx.rng), ctx.ema)
+
+    def loss(self, student: nn.Module, batch: TokenBatch, d: FlowDraws, ema: nn.Module | None = None) -> LossOut:
+        """Pure tensor code (one ``torch.compile`` graph with the frozen encoders)."""
+        p = self.params
+        xt, target = noised(batch.x0, d.x1, d.t)
+        out = student(xt, d.t, d.y, taps=(self.align_depth,))
         loss_flow, _ = flow_loss(out.pred, target)
         h = out.features[self.align_depth]                                  # (B, N, D)
         if self.segment is not None:

@@ -7,7 +7,7 @@ One step (method.md §2.1; ``B`` batch, ``N`` tokens, ``P`` token dim, ``D`` bac
     M = mask.sample(rng, N)                                     # (B, N) bool, the second-timestep group
     tau = where(M, s, t)                                        # (B, N)   [SF-paper] Eq. 4
     x_tau = (1 - tau) x0 + tau x1                               # one noise x1 for student and teacher (Eq. 5)
-    out = student(x_tau, tau, y, taps=(l,))                     # y: labels dropped once, shared with the teacher
+    out = student(x_tau, G(t, s; M), y, taps=(l,))              # tau as GroupedTimes((t, s), M); y dropped once
     z_t = sg(ema(x_tmin, tau_min, y, taps=(k,), stop_after=k))  # teacher: first k blocks only, no grad
     L_gen = mean (out.pred - (x1 - x0))^2                       # all tokens and channels (Eq. 2)
     L_rep = mean_{b, i} [1 - cos(h(z_s[b, i]), z_t[b, i])]      # cosine over channels (dim=-1), fp32 (Eq. 6)
@@ -23,6 +23,11 @@ with mask ratio 0 this is SRA, method.md §4), ``teacher_time="same"`` (teacher 
 ``rep_tokens="noisier"`` (only tokens at the sample's largest time carry ``L_rep``), ``attention_separation``
 (student tokens attend only within their timestep group; the teacher keeps full attention) and
 ``sort_timesteps`` (the masked group gets ``max(t, s)``; [SRA2SF]'s sorted variant, an ablation).
+
+The student gets ``tau`` as :class:`~zoo.core.time.GroupedTimes` (``values = (t, s)`` ``(B, 2)``, ``index = M``),
+so the backbone conditions on two rows per sample with static shapes. ``draw`` makes every random draw (eager:
+a ``torch.Generator`` cannot be traced); ``loss`` is pure tensor code that ``torch.compile(fullgraph=True)``
+traces into one graph with no host synchronisation; ``forward = loss(draw)``.
 
 Draw order from ``ctx.rng`` (fixed; every draw is made whatever the options are):
 
@@ -42,7 +47,7 @@ The digits specs use 0.99 for that reason.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +57,8 @@ from torch import Tensor, nn
 from registry.kinds import OBJECTIVES
 from zoo.core.params import FieldError, StreamKeys, ZooParams
 from zoo.core.protocols import ObjectiveModule
-from zoo.core.types import LossOut, StepContext, TokenBatch
+from zoo.core.time import GroupedTimes, Times
+from zoo.core.types import LossOut, StepContext, StepRNG, TokenBatch
 from zoo.layers.heads import build_projector, projector_flops
 from zoo.core.layout import TokenLayout
 from zoo.objectives.flow_matching import draw_noise, drop_labels, flow_loss, noised, null_label_of
@@ -60,6 +66,19 @@ from zoo.objectives.masks import BernoulliMaskParams, build_mask
 from zoo.objectives.timesteps import UniformTimestepsParams, build_timesteps
 
 STUDENT_FRACTION, TEACHER_FRACTION = 0.3, 0.7  # [SF-paper] App. A.3: l = 0.3 D, k = 0.7 D (8 / 20 at D = 28)
+
+
+class SelfFlowDraws(NamedTuple):
+    """Self-Flow's draws (the documented order): ``t``, ``s`` ``(B,)`` or ``(B, S)`` per modality, mask ``m``
+    ``(B, N)`` bool, noise ``x1`` ``(B, N, P)``, labels ``y`` ``(B,)`` after dropout (or None), teacher shift
+    uniforms ``u`` ``(B, 2)``."""
+
+    t: Tensor
+    s: Tensor
+    m: Tensor
+    x1: Tensor
+    y: Tensor | None
+    u: Tensor
 
 
 def _round_half_up(x: float) -> int:
@@ -219,43 +238,46 @@ class SelfFlow(ObjectiveModule):
         self.projector = build_projector(params.projector, self.hidden, self.hidden, params.projector_width)
 
     # ------------------------------------------------------------------------------------------ pieces
-    def _teacher_input(self, x0: Tensor, x1: Tensor, x_tau: Tensor, tau: Tensor, m: Tensor, t: Tensor, s: Tensor,
-                       u: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher ``(x, time)``: ``x`` ``(B, N, P)``, time ``(B,)`` (``min``) or ``(B, N)`` (``sra``, ``same``);
-        ``t``, ``s`` ``(B, 1)`` or, per modality, ``(B, N)``."""
+    def groups(self, t: Tensor, s: Tensor, m: Tensor) -> GroupedTimes:
+        """The student's times as groups: ``t``, ``s`` ``(B, 1)`` -> ``values`` ``(B, 2)`` (group 0 = ``t``,
+        1 = ``s``), ``index = m`` ``(B, N)``; per modality (``(B, S)`` each) group ``2 j + m`` of segment ``j``."""
+        if t.shape[1] == 1:
+            return GroupedTimes(torch.cat([t, s], dim=1), m.long())
+        values = torch.stack([t, s], dim=2).reshape(t.shape[0], -1)              # (B, 2S): t_0, s_0, t_1, ...
+        return GroupedTimes(values, 2 * self.segment_ids[None] + m.long())
+
+    def _teacher_input(self, x0: Tensor, x1: Tensor, x_tau: Tensor, times: GroupedTimes, tau: Tensor, m: Tensor,
+                       t: Tensor, s: Tensor, u: Tensor) -> tuple[Tensor, Times]:
+        """Teacher ``(x, time)``: ``x`` ``(B, N, P)``, time ``(B,)`` (``min``) or the student's groups with their
+        own times (``sra``, ``same``); ``t``, ``s`` ``(B, 1)`` or, per modality, ``(B, S)``."""
         mode = self.params.teacher_time
         if mode == "same":
-            return x_tau, tau
+            return x_tau, times
         if mode == "min":
             t_min = tau.min(dim=1).values                                     # (B,)
             return noised(x0, x1, t_min)[0], t_min
         shift = self.params.sra_max_shift
-        t_te = (t - shift * u[:, :1]).clamp(0.0, 1.0)                         # (B, 1) or (B, N)
+        t_te = (t - shift * u[:, :1]).clamp(0.0, 1.0)                         # (B, 1) or (B, S)
         s_te = (s - shift * u[:, 1:]).clamp(0.0, 1.0)
-        tau_te = torch.where(m, s_te, t_te)                                   # (B, N)
-        return noised(x0, x1, tau_te)[0], tau_te
+        te = self.groups(t_te, s_te, m)
+        return noised(x0, x1, te.per_token())[0], te
 
     def rep_loss(self, z_student: Tensor, z_teacher: Tensor, tau: Tensor) -> Tensor:
         """``mean [1 - cos(h(z_student), z_teacher)]`` over the selected tokens of the batch, in fp32;
         ``z_*`` ``(B, N, D)``, ``tau`` ``(B, N)`` (selects the noisier group with ``rep_tokens="noisier"``)."""
         proj = self.projector(z_student)
-        rep = 1.0 - F.cosine_similarity(proj.float(), z_teacher.float(), dim=-1)  # (B, N)
+        with torch.autocast(proj.device.type, enabled=False):
+            rep = 1.0 - F.cosine_similarity(proj.float(), z_teacher.float(), dim=-1)  # (B, N)
         if self.params.rep_tokens == "all":
             return rep.mean()
         sel = (tau == tau.max(dim=1, keepdim=True).values).to(rep.dtype)          # (B, N), >= 1 per sample
         return (rep * sel).sum() / sel.sum()
 
     # ----------------------------------------------------------------------------------------- forward
-    def forward(self, student: nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut:
-        """``batch.x0`` ``(B, N, P)``, ``batch.y`` ``(B,)`` or None. The student is called as
-        ``student(x_tau, tau (B, N), y, taps=(l,)[, attn_mask=(B, N, N) bool])``, the teacher (``ctx.ema``, no grad)
-        as ``ema(x_teacher, t_teacher, y, taps=(k,), stop_after=k)``."""
-        if ctx.ema is None:
-            raise RuntimeError("objective 'selfflow' needs the EMA backbone as its teacher, but ctx.ema is None "
-                               "(compile the spec with its EMA)")
-        p, x0, rng = self.params, batch.x0, ctx.rng
+    def draw(self, student: nn.Module, batch: TokenBatch, rng: StepRNG) -> SelfFlowDraws:
+        """The step's randomness in the documented order (eager: the generator cannot be traced)."""
+        p, x0 = self.params, batch.x0
         dev = x0.device
-        l, k = self.student_block, self.teacher_block
         shape = (self.num_segments,) if self.num_segments > 1 else ()
         t = self.timesteps.sample(rng, *shape).to(dev)                        # 1: (B,) or (B, S) per modality
         s = self.timesteps.sample(rng, *shape).to(dev)                        # 2: likewise
@@ -264,17 +286,37 @@ class SelfFlow(ObjectiveModule):
         null = null_label_of(student) if batch.y is not None else -1
         y = drop_labels(batch.y, rng, p.label_dropout, null)                  # 5: (B,) or None
         u = rng.rand(2).to(dev)                                               # 6: (B, 2)
+        return SelfFlowDraws(t, s, m, x1, y, u)
+
+    def forward(self, student: nn.Module, batch: TokenBatch, ctx: StepContext) -> LossOut:
+        """``batch.x0`` ``(B, N, P)``, ``batch.y`` ``(B,)`` or None: ``loss(draw(...))`` with ``ctx.ema`` as
+        the teacher."""
+        if ctx.ema is None:
+            raise RuntimeError("objective 'selfflow' needs the EMA backbone as its teacher, but ctx.ema is None "
+                               "(compile the spec with its EMA)")
+        return self.loss(student, batch, self.draw(student, batch, ctx.rng), ctx.ema)
+
+    def loss(self, student: nn.Module, batch: TokenBatch, d: SelfFlowDraws, ema: nn.Module | None = None) -> LossOut:
+        """Pure tensor code (one ``torch.compile`` graph, no host sync). The student is called as
+        ``student(x_tau, GroupedTimes((B, G), (B, N)), y, taps=(l,)[, attn_mask=(B, N, N) bool])``, the teacher
+        (``ema``, no grad) as ``ema(x_teacher, t_teacher, y, taps=(k,), stop_after=k)``."""
+        if ema is None:
+            raise RuntimeError("objective 'selfflow' needs the EMA backbone as its teacher (ema is None)")
+        p, x0, m = self.params, batch.x0, d.m
+        l, k = self.student_block, self.teacher_block
+        t, s = d.t, d.s
         if p.sort_timesteps:
             t, s = torch.minimum(t, s), torch.maximum(t, s)
-        t, s = (t[:, self.segment_ids], s[:, self.segment_ids]) if shape else (t[:, None], s[:, None])  # (B, N)|(B, 1)
-        tau = torch.where(m, s, t)                                            # (B, N)
-        x_tau, target = noised(x0, x1, tau)
+        t, s = (t, s) if t.dim() == 2 else (t[:, None], s[:, None])          # (B, S) or (B, 1)
+        times = self.groups(t, s, m)
+        tau = times.per_token()                                               # (B, N)
+        x_tau, target = noised(x0, d.x1, tau)
 
         kw = {"attn_mask": m[:, :, None] == m[:, None, :]} if p.attention_separation else {}  # (B, N, N)
-        out = student(x_tau, tau, y, taps=(l,), **kw)
-        x_te, t_te = self._teacher_input(x0, x1, x_tau, tau, m, t, s, u)
+        out = student(x_tau, times, d.y, taps=(l,), **kw)
+        x_te, t_te = self._teacher_input(x0, d.x1, x_tau, times, tau, m, t, s, d.u)
         with torch.no_grad():
-            z_teacher = ctx.ema(x_te, t_te, y, taps=(k,), stop_after=k).features[k].detach()
+            z_teacher = ema(x_te, t_te, d.y, taps=(k,), stop_after=k).features[k].detach()
 
         loss_flow, per_modality = flow_loss(out.pred, target, self.layout, p.modality_weights)
         loss_rep = self.rep_loss(out.features[l], z_teacher, tau)
