@@ -202,3 +202,25 @@ def test_fd_dinov2_uses_the_vit_teacher_cls_token():
         cls = net.forward_tokens((q - mean) / std)[:, 0].double().numpy()
     ref = m.reference()
     assert got == pytest.approx(frechet_distance(*feature_stats(cls), ref["mu_dinov2"], ref["sigma_dinov2"]), rel=1e-6)
+
+
+def test_evaluate_reference_writes_the_adm_layout(inception, tmp_path):
+    """``python -m runtime.evaluate --reference DATA --out ref.npz``: the ADM keys, readable by the entries."""
+    import json
+
+    from runtime import evaluate
+
+    (tmp_path / "data.json").write_text(json.dumps({"type": "digits", "preset": "tiny"}))
+    out = tmp_path / "ref.npz"
+    assert evaluate.main(["--reference", str(tmp_path / "data.json"), "--out", str(out), "--inception", inception,
+                          "--num", "6", "--batch-size", "4", "--images", "--split", "eval", "--device", "cpu"]) == 0
+    ref = st.read_reference(str(out))
+    assert {"mu", "sigma", "mu_s", "sigma_s", "arr_0", "pool"} <= set(ref)
+    assert ref["mu"].shape == (2048,) and ref["sigma_s"].shape == (2023, 2023) and ref["arr_0"].dtype == np.uint8
+    from registry.kinds import DATASETS
+
+    ds = DATASETS.build(DATASETS.get("digits").Params(type="digits", preset="tiny"), split="eval")
+    x = torch.stack([ds[i][0] for i in range(6)])
+    f = st.inception_features(x, inception)
+    assert np.allclose(ref["mu"], f["pool"].mean(0), atol=1e-5) and np.allclose(ref["pool"], f["pool"], atol=1e-5)
+    assert evaluate.main(["--reference", str(tmp_path / "data.json"), "--out", str(out)]) == 2
