@@ -1,8 +1,14 @@
 """``python -m runtime.evaluate CHECKPOINT_OR_RUN_DIR [--metric JSON]... [--n N]``
+``python -m runtime.evaluate --reference DATA_SPEC --out ref.npz --inception W [--dinov2 W] [--num N] [--images]``
 
 Scores a checkpoint with the spec's ``eval.metrics`` (or the ``--metric`` entries given, e.g.
 ``--metric '{"type": "linear_probe", "block": 4}'``), prints the results and writes them to
 ``<run>/eval/step_XXXXXXXX.json`` (next to the checkpoint when it is not inside a run directory).
+
+``--reference`` writes reference statistics of a data set in the ADM evaluator's npz layout (``mu``, ``sigma``,
+``mu_s``, ``sigma_s``; ``arr_0`` with ``--images``) plus ``pool`` (and ``mu_dinov2``, ``sigma_dinov2``, ``dinov2``
+with ``--dinov2``), for the ``reference`` field of the ``fid`` / ``sfid`` / ``precision_recall`` / ``fd_dinov2``
+metrics (:mod:`zoo.metrics.standard`). DATA_SPEC is a spec file (its ``data``) or a JSON file of one data entry.
 """
 from __future__ import annotations
 
@@ -15,11 +21,24 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("path", type=Path, help="a checkpoint directory or a run directory")
+    ap.add_argument("path", type=Path, nargs="?", help="a checkpoint directory or a run directory")
     ap.add_argument("--metric", action="append", default=[], metavar="JSON", help="metric entry; repeatable")
     ap.add_argument("--n", type=int, default=None, help="generated samples for sample metrics")
     ap.add_argument("--device", default="auto")
+    ref = ap.add_argument_group("reference statistics (--reference)")
+    ref.add_argument("--reference", type=Path, metavar="DATA_SPEC", help="write reference statistics of this data")
+    ref.add_argument("--out", type=Path, help="the .npz to write")
+    ref.add_argument("--inception", help="local FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
+    ref.add_argument("--dinov2", help="local DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth) for fd_dinov2")
+    ref.add_argument("--split", default="train", help="data split (ADM's ImageNet batches: train; default train)")
+    ref.add_argument("--num", type=int, default=None, help="samples (default: the whole split)")
+    ref.add_argument("--images", action="store_true", help="also store the uint8 images as arr_0 (ADM layout)")
+    ref.add_argument("--batch-size", type=int, default=100)
     args = ap.parse_args(argv)
+    if args.reference is not None:
+        return write_reference(args)
+    if args.path is None:
+        ap.error("give a checkpoint or run directory, or --reference DATA_SPEC --out FILE")
 
     import zoo  # noqa: F401
     from registry.errors import SpecError
@@ -53,6 +72,65 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{ck.path} (step {ck.step}):")
     for k, v in sorted(vals.items()):
         print(f"  {k:<28} {v:.4f}")
+    return 0
+
+
+def write_reference(args: argparse.Namespace) -> int:
+    """``--reference``: features streamed batch by batch, statistics in float64, one ``np.savez``."""
+    import numpy as np
+    import torch
+
+    import zoo  # noqa: F401
+    from registry.errors import SpecError
+    from registry.kinds import DATASETS
+    from runtime.distributed import pick_device
+    from zoo.metrics import standard as st
+    from zoo.metrics.frechet import feature_stats
+
+    if args.out is None or (args.inception is None and args.dinov2 is None):
+        sys.stderr.write("error: --reference needs --out and --inception and/or --dinov2\n")
+        return 2
+    try:
+        raw = json.loads(args.reference.read_text())
+        if "data" in raw:
+            from registry.spec import validate
+
+            data = validate(raw).data.data_space()
+        else:
+            data = DATASETS.get(raw["type"]).Params.model_validate(raw).data_space()
+        ds = DATASETS.build(data, split=args.split)
+    except (OSError, json.JSONDecodeError, KeyError, SpecError, ValueError) as e:
+        sys.stderr.write(f"error: --reference {args.reference}: {e}\n")
+        return 2
+    device = pick_device(args.device)
+    n = len(ds) if args.num is None else min(args.num, len(ds))
+    parts: dict[str, list] = {}
+    for i in range(0, n, args.batch_size):
+        x = torch.stack([ds[j][0] for j in range(i, min(n, i + args.batch_size))])
+        if args.inception:
+            f = st.inception_features(x, args.inception, device, args.batch_size)
+            parts.setdefault("pool", []).append(f["pool"])
+            parts.setdefault("spatial", []).append(f["spatial"])
+        if args.dinov2:
+            parts.setdefault("dinov2", []).append(st.dinov2_features(x, args.dinov2, "L/14", device, args.batch_size))
+        if args.images:
+            parts.setdefault("arr_0", []).append(st.quantize(x).permute(0, 2, 3, 1).numpy())
+        print(f"\r{min(n, i + args.batch_size)}/{n}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    out: dict[str, np.ndarray] = {}
+    if args.inception:
+        out["mu"], out["sigma"] = feature_stats(cat["pool"])
+        out["mu_s"], out["sigma_s"] = feature_stats(cat["spatial"])
+        out["pool"] = cat["pool"].astype(np.float32)
+    if args.dinov2:
+        out["mu_dinov2"], out["sigma_dinov2"] = feature_stats(cat["dinov2"])
+        out["dinov2"] = cat["dinov2"].astype(np.float32)
+    if args.images:
+        out["arr_0"] = cat["arr_0"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, **out)
+    print(f"wrote {args.out}: {n} samples of {data.type} ({args.split}), keys {sorted(out)}")
     return 0
 
 

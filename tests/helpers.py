@@ -35,3 +35,37 @@ def tiny_spec_dict(**overrides) -> dict:
 
 def load_raw(name: str) -> dict:
     return json.loads((SPECS / name).read_text())
+
+
+def random_inception_weights(path) -> str:
+    """A random state dict in the layout of the FID Inception file (``pt_inception-2015-12-05-6726825d.pth``, the
+    keys torch-fidelity's ``FeatureExtractorInceptionV3`` loads strictly), saved to ``path``: He-normal convolutions
+    and random batch-norm statistics, so features have a sane scale after 17 blocks."""
+    import torch
+
+    from zoo.metrics.standard import fidelity_inception_class
+
+    cls = fidelity_inception_class()
+
+    class _Unloaded(cls):  # the constructor always loads a file; skip that to read the layout
+        def load_state_dict(self, *a, **k):
+            return None
+
+    torch.save({}, path)
+    net = _Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, v in net.state_dict().items():
+        if k.endswith("conv.weight"):
+            fan_in = v[0].numel()
+            sd[k] = torch.randn(v.shape, generator=g) * (2.0 / fan_in) ** 0.5
+        elif k.endswith(("bn.weight", "bn.running_var")):
+            sd[k] = 0.8 + 0.4 * torch.rand(v.shape, generator=g)
+        elif k.endswith(("bn.bias", "bn.running_mean")):
+            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+        elif k.startswith("fc."):
+            sd[k] = 0.05 * torch.randn(v.shape, generator=g)
+        else:
+            sd[k] = v
+    torch.save(sd, path)
+    return str(path)

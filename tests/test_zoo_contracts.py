@@ -81,6 +81,19 @@ def _clip_export(tmp: Path) -> Path:
     return random_export(tmp / "clip_vae")
 
 
+_INCEPTION: list[str] = []
+
+
+def _inception(tmp: Path) -> dict:
+    """One random FID-Inception file per session (shared path: the reference statistics are computed once)."""
+    if not _INCEPTION:
+        import tempfile
+
+        from tests.helpers import random_inception_weights
+        _INCEPTION.append(random_inception_weights(Path(tempfile.mkdtemp()) / "pt_inception-random.pth"))
+    return {"weights": _INCEPTION[0], "num_real": 8, "batch_size": 8}
+
+
 REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag (or "kind:tag") -> fields an entry cannot exist without
     "latent_shards": _latent_cache,
     "image_folder": _image_folder,
@@ -95,6 +108,8 @@ REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag (or "kind:tag") -> fields
     "autoencoder:conv_vae": lambda tmp: _vae_run(tmp, "conv_vae"),  # the backbones of the same tags need nothing
     "autoencoder:conv_vae_1d": lambda tmp: _vae_run(tmp, "conv_vae_1d"),
     "autoencoder:clip_vae": lambda tmp: {"path": str(_clip_export(tmp))},
+    **{tag: _inception for tag in ("fid", "sfid", "inception_score", "precision_recall")},
+    "fd_dinov2": lambda tmp: {"weights": None, "preset": "tiny", "num_real": 8},  # random init: tests only
     "streams": lambda tmp: {"parts": {"video": {"type": "identity"}, "audio": {"type": "stft", "n_fft": 32}}},  # random init: allowed for tests only (specs must name a file)
 }
 
@@ -115,6 +130,7 @@ MODALITY_EXAMPLE: dict[str, Callable[[], dict]] = {  # tag -> build deps (defaul
     "audio_video": lambda: {"latent_shape": {"video": (1, 4, 8, 8), "audio": (6, 30)},
                             "time_step_s": {"video": 0.125, "audio": 0.01}},
 }
+METRIC_SAMPLES = {tag: 8 for tag in ("fid", "sfid", "inception_score", "precision_recall", "fd_dinov2")}  # 299-px nets
 METRIC_DATA: dict[str, Callable[[], Any]] = {        # tag -> data params to evaluate on (default digits tiny)
     **{tag: (lambda: DATASETS.get("bouncing_digits_av").Params(type="bouncing_digits_av", preset="tiny"))
        for tag in ("av_agreement", "av_sync_ms", "video_class_accuracy", "audio_class_accuracy", "video_consistency")},
@@ -375,7 +391,7 @@ def test_metric_contract(tag, tmp_path):
         out = metric.evaluate_model(compile_spec(validate(tiny_spec_dict()), torch.device("cpu")))
     else:
         ds = DATASETS.build(data, split="eval")
-        xs, ys = zip(*(ds[i] for i in range(min(40, len(ds)))))
+        xs, ys = zip(*(ds[i] for i in range(min(METRIC_SAMPLES.get(tag, 40), len(ds)))))
         out = metric(stack(list(xs)), torch.tensor(ys))
     assert out and all(isinstance(v, float) and math.isfinite(v) for v in out.values())
 
