@@ -8,7 +8,7 @@ import torch
 
 
 def prepare(path: str, spec: Any, synthetic: bool) -> dict[str, Any]:
-    """Graph, stepper and fixed batches of one spec (``synthetic``: random tokens, images and encoders)."""
+    """Run components, stepper and fixed batches of one spec (``synthetic``: random tokens, images and encoders)."""
     from registry.kinds import DATASETS
     from runtime.compiler import compile_spec
     from runtime.data import build_loader

@@ -1,4 +1,4 @@
-"""Compile a validated spec into a :class:`Graph` of live components.
+"""Compile a validated spec into :class:`RunComponents`, the live components of one run.
 
 Order: autoencoder (frozen) -> modality -> backbone -> objective -> EMA -> solver, each built through its
 registry as ``cls(params, **deps)`` with the deps passed explicitly here. What is trainable (backbone +
@@ -53,7 +53,10 @@ class TrainModule(nn.Module):
 
 
 @dataclass
-class Graph:
+class RunComponents:
+    """What :func:`compile_spec` builds for one run: the spec, device and shapes, and every live component
+    (frozen autoencoder and teachers, modality, trainable backbone + objective, EMA, solver)."""
+
     spec: Any
     device: torch.device
     autocast_dtype: torch.dtype | None   # None = fp32
@@ -131,7 +134,7 @@ def tree_map(fn: Any, x: Any) -> Any:
     return {k: fn(v) for k, v in x.items()} if isinstance(x, dict) else fn(x)
 
 
-def time_steps(spec: Any) -> Any:
+def latent_step_seconds(spec: Any) -> Any:
     """Seconds per latent time step, per stream (``{"video": 1 / fps, "audio": hop / sample_rate}``), from the
     data's ``stream_rates()`` and the autoencoder's ``time_stride``; None for data without a time axis."""
     rates, shape = spec.data.stream_rates(), spec.data.sample_shape()
@@ -149,10 +152,10 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
 
 
 def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load_frozen: bool = True,
-                 load_teachers: bool = True, random_teachers: bool = False) -> Graph:
+                 load_teachers: bool = True, random_teachers: bool = False) -> RunComponents:
     """Build every component of ``spec`` on ``device``. On ``torch.device("meta")`` (``--dry-run``) only the
     shapes are built; there, and with ``load_frozen=False`` (benchmarks on synthetic latents), the frozen
-    autoencoder is not loaded and the graph takes token batches only. Sampling and evaluating need no teachers
+    autoencoder is not loaded and the components take token batches only. Sampling and evaluating need no teachers
     (``load_teachers=False``): the objective's heads are sized from the teachers' params alone. Benchmarks
     time the teachers without their weight files: ``random_teachers=True`` builds them (also with
     ``load_frozen=False``) with random weights (``weights`` null)."""
@@ -160,7 +163,7 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
     latent_shape = _shape(spec.autoencoder.latent_shape(input_shape))
     num_classes = int(spec.data.num_classes)
     modality = MODALITIES.build(spec.modality, backbone_patch=getattr(spec.backbone, "patch", None), latent_shape=latent_shape,
-                                time_step_s=time_steps(spec))
+                                time_step_s=latent_step_seconds(spec))
     autoencoder, teachers, latent_stats = None, {}, None
     if device.type != "meta" and load_frozen:
         autoencoder = AUTOENCODERS.build(spec.autoencoder).to(device).eval().requires_grad_(False)
@@ -191,7 +194,7 @@ def compile_spec(spec: Any, device: torch.device, *, with_ema: bool = True, load
     train_module = TrainModule(backbone, objective).to(device)
     autocast_dtype = resolve_autocast(spec.train.precision, device)
     ema = EMA(backbone, spec.train.ema.decay, spec.train.ema.warmup_steps) if with_ema else None
-    return Graph(
+    return RunComponents(
         spec=spec, device=device, autocast_dtype=autocast_dtype,
         input_shape=input_shape, latent_shape=latent_shape, num_classes=num_classes,
         autoencoder=autoencoder, teachers=teachers, modality=modality, train_module=train_module, ema=ema,
@@ -244,8 +247,9 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def graph_from_checkpoint(path: Any, device: torch.device, edit: Any = None) -> tuple[Graph, Any]:
-    """A checkpoint directory or a run directory (its newest checkpoint) -> (graph with the saved weights,
+def components_from_checkpoint(path: Any, device: torch.device,
+                               edit: Any = None) -> tuple[RunComponents, Any]:
+    """A checkpoint directory or a run directory (its newest checkpoint) -> (run components with the saved weights,
     checkpoint, weights only: nothing but safetensors and JSON is read). ``edit(raw_spec)`` may change the saved
     spec before validation (e.g. another solver). The checkpoint is verified first. Raises FileNotFoundError,
     :class:`storage.checkpoint.CheckpointError` or SpecError with a message for the user."""
@@ -264,10 +268,10 @@ def graph_from_checkpoint(path: Any, device: torch.device, edit: Any = None) -> 
     raw = json.loads((ck_dir / "spec.resolved.json").read_text())
     if edit is not None:
         edit(raw)
-    graph = compile_spec(validate(raw), device, load_teachers=False)  # frozen encoders: training only
+    run = compile_spec(validate(raw), device, load_teachers=False)  # frozen encoders: training only
     ck = load_checkpoint(ck_dir, map_location=device, training_state=False)
-    for name, module, sd in (("model", graph.train_module, ck.model),
-                             ("ema", graph.ema.module if graph.ema is not None else None, ck.ema)):
+    for name, module, sd in (("model", run.train_module, ck.model),
+                             ("ema", run.ema.module if run.ema is not None else None, ck.ema)):
         try:
             if module is not None and sd is not None:
                 module.load_state_dict(sd)
@@ -275,4 +279,4 @@ def graph_from_checkpoint(path: Any, device: torch.device, edit: Any = None) -> 
             lines = str(e).strip().splitlines()
             detail = lines[min(1, len(lines) - 1)].strip()[:200]  # the first mismatch
             raise CheckpointError(ck_dir / f"{name}.safetensors", f"does not fit the spec's model ({detail})") from None
-    return graph, ck
+    return run, ck

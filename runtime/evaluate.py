@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import zoo  # noqa: F401
     from registry.errors import SpecError
     from storage.checkpoint import CheckpointError
-    from runtime.compiler import graph_from_checkpoint
+    from runtime.compiler import components_from_checkpoint
     from runtime.distributed import pick_device
     from runtime.tracking import show_zoo_log
     from runtime.train import Evaluator
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             raw["eval"]["num_samples"] = args.n
 
     try:
-        graph, ck = graph_from_checkpoint(args.path, pick_device(args.device), edit)
+        graph, ck = components_from_checkpoint(args.path, pick_device(args.device), edit)
     except json.JSONDecodeError as e:
         sys.stderr.write(f"error: --metric: invalid JSON: {e}\n")
         return 2

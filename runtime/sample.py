@@ -108,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     import zoo  # noqa: F401
     from registry.errors import SpecError
     from storage.checkpoint import CheckpointError
-    from runtime.compiler import graph_from_checkpoint
+    from runtime.compiler import components_from_checkpoint
     from runtime.distributed import pick_device
 
     def edit(raw: dict) -> None:
         raw["solver"] = solver_override(raw["solver"], args.solver, args.steps)
 
     try:
-        graph, ck = graph_from_checkpoint(args.path, pick_device(args.device), edit)
+        graph, ck = components_from_checkpoint(args.path, pick_device(args.device), edit)
     except (FileNotFoundError, SpecError, CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from registry.kinds import DATASETS, METRICS
 from registry.spec import resolved_dict
 from storage.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from runtime.compiler import Graph
+from runtime.compiler import RunComponents
 from runtime.data import build_loader, collate_pairs, restore_loader
 from runtime.media_out import Written, real_indices, write_clip_readings, write_samples
 from runtime.iofault import WRITE_ERRORS, write_fault
@@ -54,7 +54,7 @@ WEIGHT_LIMIT = 1e4
 class Stepper:
     """Runs optimizer steps on a graph; shared by the loop and ``runtime.bench``."""
 
-    def __init__(self, graph: Graph, info: DistInfo):
+    def __init__(self, graph: RunComponents, info: DistInfo):
         self.graph, self.info, tr = graph, info, graph.spec.train
         tm = graph.train_module
         self.compiled = tm.compile_step() if tr.compile else None  # "loss" (the whole step's graph) or "backbone"
@@ -130,7 +130,7 @@ class Stepper:
         return ok, {**sums, "grad_norm": norm.detach().float(), "lr": torch.tensor(lr)}
 
 
-def train(graph: Graph, run_dir: Path, info: DistInfo, resume: Path | None = None) -> dict[str, Any]:
+def train(graph: RunComponents, run_dir: Path, info: DistInfo, resume: Path | None = None) -> dict[str, Any]:
     spec, tr = graph.spec, graph.spec.train
     stepper = Stepper(graph, info)
     dataset = DATASETS.build(spec.data, split="train")
@@ -245,7 +245,7 @@ def good_note(last_good: Path | None) -> str:
     return f"the last good checkpoint is in {last_good}"
 
 
-def restore(graph: Graph, stepper: Stepper, loader: Any, resume: Path, info: DistInfo) -> tuple[int, int]:
+def restore(graph: RunComponents, stepper: Stepper, loader: Any, resume: Path, info: DistInfo) -> tuple[int, int]:
     """Load the checkpoint ``resume`` into the model, EMA, optimizer, loader and RNGs; returns (step, skipped).
     The spec's AdamW hyper-parameters replace the saved ones (a resume may change them).
     :class:`storage.checkpoint.CheckpointError` if anything in it does not fit."""
@@ -276,7 +276,7 @@ def _kind(spec: Any) -> str:
     return "images" if isinstance(shape, tuple) and len(shape) == 3 else "clips"
 
 
-def preview_note(graph: Graph) -> str:
+def preview_note(graph: RunComponents) -> str:
     """``sampling 10 preview clips (euler, 25 NFE)...``: said before the end-of-run samples."""
     spec = graph.spec
     if graph.train_module.objective.reconstructs:  # reconstructions, not a flow
@@ -295,7 +295,7 @@ def eval_note(evaluator: "Evaluator") -> str:
 class Evaluator:
     """Preview grids and metrics, on rank 0, with their own seeded RNGs (the training RNG is never touched)."""
 
-    def __init__(self, graph: Graph, run_dir: Path, tracker: Tracker | None):
+    def __init__(self, graph: RunComponents, run_dir: Path, tracker: Tracker | None):
         self.graph, self.run_dir, self.tracker = graph, run_dir, tracker
         spec = graph.spec
         self.metrics = [METRICS.build(m, data_params=spec.data.data_space(), device=graph.device)
@@ -366,7 +366,7 @@ class Evaluator:
         return vals
 
 
-def run_meta(graph: Graph, info: DistInfo) -> dict[str, Any]:
+def run_meta(graph: RunComponents, info: DistInfo) -> dict[str, Any]:
     import importlib.metadata as md
 
     versions = {}

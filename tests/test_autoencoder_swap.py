@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from runtime import run as run_cli
-from runtime.compiler import graph_from_checkpoint
+from runtime.compiler import components_from_checkpoint
 from runtime.tracking import read_jsonl
 from tests.test_diffusers_ae import tiny_kl
 
@@ -52,7 +52,7 @@ def test_only_the_autoencoder_changes(kind, tokens, autoencoders, tmp_path):
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
     assert (out / "samples" / "step_00000002.png").is_file()
-    graph, _ = graph_from_checkpoint(out, torch.device("cpu"))
+    graph, _ = components_from_checkpoint(out, torch.device("cpu"))
     assert graph.num_tokens == tokens
     x = graph.decode(torch.zeros(1, graph.num_tokens, graph.modality.token_dim))
     assert tuple(x.shape) == (1, 1, 32, 32)
@@ -70,7 +70,7 @@ def test_audio_flow_in_a_learned_audio_latent(tmp_path):
         f"autoencoder.run={vae}", "autoencoder.stats_samples=16", "backbone.hidden=32", "backbone.double_blocks=1",
         "backbone.single_blocks=1"]
     assert _run(SPECS / "selfflow_audio_latent.json", out, sets) == 0
-    graph, _ = graph_from_checkpoint(out, torch.device("cpu"))
+    graph, _ = components_from_checkpoint(out, torch.device("cpu"))
     assert graph.latent_shape == (8, 250) and graph.num_tokens == 50  # 4000 samples / 16, patches of 5
     wavs = sorted((out / "samples" / "step_00000002").glob("*.wav"))
     assert len(wavs) == 4 and all(w.stat().st_size > 8000 for w in wavs)

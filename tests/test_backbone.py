@@ -143,7 +143,7 @@ def test_shared_per_token_t_equals_scalar_t(b, h, w, seed, t_vals):
 
 
 def _per_token_reference(net: SiT, x, t, y):
-    """Slow path of method §5.2: embed every token's t, run every adaLN MLP on all B*N tokens."""
+    """Slow path of [note:per-token-adaln]: embed every token's t, run every adaLN MLP on all B*N tokens."""
     b, n, _ = x.shape
     c = net.t_embedder(t.reshape(-1)).reshape(b, n, -1) + net.y_embedder(y)[:, None]     # (B, N, D)
     h = net.x_embedder(x) + net.pos_embed
@@ -196,7 +196,7 @@ def test_xl2_parameter_count_and_names():
 
 def test_flops():
     xl = _xl2_on_meta()
-    assert xl.flops(256) == pytest.approx(2 * 118.6e9, rel=1e-3)  # perf-anchors: 118.6 GMAC = 237 GFLOP
+    assert xl.flops(256) == pytest.approx(2 * 118.6e9, rel=1e-3)  # [DiT-paper]: 118.6 G multiply-adds
     with torch.device("meta"):
         b2 = SiT(SiTParams(type="sit", preset="B/2"), token_dim=16, grid=(16, 16), num_classes=1000)
     assert b2.flops(256) == pytest.approx(2 * 23.01e9, rel=2e-3)

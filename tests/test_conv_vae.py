@@ -156,10 +156,10 @@ def test_latent_flow_run_decodes_data_shape(vae_run, tmp_path):
     sheet = Image.open(out / "samples" / "step_00000003.png")
     k = sheet.size[0] // (4 * 18 + 2)  # 4 samples of 16 x 16 px (the data shape), 2-px padding, upscaled k x
     assert k >= 1 and sheet.size == (k * (4 * 18 + 2), k * (18 + 2))
-    from runtime.compiler import graph_from_checkpoint
+    from runtime.compiler import components_from_checkpoint
     from runtime.sample import generate
 
-    graph, _ = graph_from_checkpoint(out, torch.device("cpu"))
+    graph, _ = components_from_checkpoint(out, torch.device("cpu"))
     assert graph.latent_shape == (4, 4, 4) and graph.num_tokens == 4
     assert generate(graph, 3, torch.tensor([0, 1, 2]), seed=0).shape == (3, 1, 16, 16)
 

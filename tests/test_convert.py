@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import zoo  # noqa: F401
-from registry.kinds import BACKBONES, OBJECTIVES
+from registry.kinds import BACKBONES
 from registry.spec import validate
 from runtime import convert as cv
 from storage.checkpoint import load_checkpoint
@@ -235,7 +235,7 @@ def test_convert_sit_training_checkpoint(tmp_path, capsys):
     assert "converted" in capsys.readouterr().out
 
 
-def test_convert_repa_safetensors_and_legacy(tmp_path, capsys):
+def test_convert_repa_safetensors_and_legacy(tmp_path):
     sd = official_sd("repa", learn_sigma=False)
     src = tmp_path / "repa.safetensors"
     save_file(sd, src)
@@ -253,16 +253,10 @@ def test_convert_repa_safetensors_and_legacy(tmp_path, capsys):
     g2, _ = load_graph(cv.convert(tmp_path / "legacy.pt", tmp_path / "run2", "repa", preset="tiny"))
     close(ours(g2, x, t, y), expected)
 
-    # --keep-heads: the projectors belong to a 'repa' objective; without one registered they are dropped,
-    # with one registered the spec must use it (the base spec's objective is flow_matching)
-    capsys.readouterr()
-    if "repa" in OBJECTIVES.names():
-        with pytest.raises(cv.ConversionError, match="--keep-heads: the spec's objective is 'flow_matching'"):
-            cv.convert(src, tmp_path / "run3", "repa", preset="tiny", keep_heads=True)
-    else:
-        ck3 = cv.convert(src, tmp_path / "run3", "repa", preset="tiny", keep_heads=True)
-        assert "no 'repa' objective is registered" in capsys.readouterr().out
-        assert all(k.startswith("backbone.") for k in load_checkpoint(ck3).model)
+    # --keep-heads: the projectors belong to the 'repa' objective, so the spec must use it (the base spec's
+    # objective is flow_matching)
+    with pytest.raises(cv.ConversionError, match="--keep-heads: the spec's objective is 'flow_matching'"):
+        cv.convert(src, tmp_path / "run3", "repa", preset="tiny", keep_heads=True)
 
 
 def test_convert_selfflow_per_token(tmp_path):
@@ -281,13 +275,9 @@ def test_convert_selfflow_per_token(tmp_path):
     close(ours(g, x, tt, y), ref_selfflow(sd, x, tt, y))
 
 
-def test_selfflow_keep_heads(capsys):
+def test_selfflow_keep_heads():
     """SimpleHead ``projector.linear{1,2}`` (D -> 2D -> D) -> the 'selfflow' objective's ``mlp2`` projector."""
     sd = official_sd("selfflow", learn_sigma=True)
-    if "selfflow" not in OBJECTIVES.names():
-        plan = cv.plan_conversion(sd, "selfflow", preset="tiny", keep_heads=True)
-        assert "no 'selfflow' objective is registered" in capsys.readouterr().out and len(plan.dropped) == 4
-        return
     base = json.loads(cv.DEFAULT_BASE_SPEC.read_text()) | {"objective": {"type": "selfflow", "projector": "mlp2"}}
     plan = cv.plan_conversion(sd, "selfflow", preset="tiny", keep_heads=True, base_spec=base)
     heads = {k: v for k, v in plan.model.items() if k.startswith("objective.")}

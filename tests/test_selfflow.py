@@ -267,7 +267,7 @@ def test_attention_separation_with_one_group_is_full_attention():
 
 # --------------------------------------------------------------------------------------- the loss itself
 def hand_loss(obj, student, ema, x0, y, r, scalar=False):
-    """Self-Flow written out from method.md §2.1, replaying the documented draws."""
+    """Self-Flow written out from [note:selfflow-step], replaying the documented draws."""
     p = obj.params
     t, s, m, x1, u_label, u = replay(obj, x0, r)
     y = torch.where(u_label < p.label_dropout, torch.full_like(y, NCLS), y)

@@ -1,4 +1,4 @@
-"""Backbone ``mmdit``: the FLUX-style multimodal transformer of the Self-Flow paper (method.md §5.4).
+"""Backbone ``mmdit``: the FLUX-style multimodal transformer of the Self-Flow paper ([note:flux-mmdit]).
 
 Architecture (FLUX.2 ``Flux2``; ``S`` modality segments of the :class:`~zoo.core.layout.TokenLayout`)::
 

@@ -18,7 +18,7 @@ Tokens arrive already patchified: ``x`` ``(B, N, P)`` with ``N = h * w`` in row-
 (``x.reshape(B, h, w, p, p, C)``) -- what ``zoo.modalities.image`` produces. The model predicts tokens in
 the same layout. Time is RF time (:mod:`zoo.core.time`); nothing here flips it.
 
-Per-token timesteps (Self-Flow, method §1.5/§5.2): ``t`` may be :class:`~zoo.core.time.GroupedTimes`
+Per-token timesteps (Self-Flow, [note:per-token-adaln]): ``t`` may be :class:`~zoo.core.time.GroupedTimes`
 (``(B, G)`` times and each token's group, what the objectives pass) or ``(B, N)`` (arbitrary times). The
 conditioning, the timestep MLP and every adaLN MLP then run once per ``(sample, group)`` row (or per
 *distinct* ``(sample, t)`` pair, found with ``torch.unique``, for ``(B, N)``), and each token reads its row of

@@ -1,5 +1,5 @@
 """Vanilla flow matching (SiT / REPA without alignment): ``E || f(x_t, t, y) - (x1 - x0) ||^2`` in RF time
-(method.md §1.1), with class-label dropout for classifier-free guidance.
+([note:rf-time]), with class-label dropout for classifier-free guidance.
 
 The small functions below (noise draw, label dropout, noising, loss) are the shared pieces that the
 other objectives (Self-Flow, REPA) reuse, so every objective draws its randomness the same way.

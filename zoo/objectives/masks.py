@@ -1,4 +1,5 @@
-"""Token masks (registry kind ``mask``) for Self-Flow's Dual-Timestep Scheduling (method.md §2.1 step 3, §2.3).
+"""Token masks (registry kind ``mask``) for Self-Flow's Dual-Timestep Scheduling
+([SF-paper] §3.3; [note:selfflow-step]).
 
 A mask decides, per sample, which tokens get the *second* timestep ``s`` (True) and which keep ``t``
 (False). Every mask is a :class:`zoo.core.protocols.TokenMask`::

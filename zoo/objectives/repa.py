@@ -1,4 +1,4 @@
-"""REPA: flow matching plus alignment of a student block to frozen external encoders (method.md §3).
+"""REPA: flow matching plus alignment of a student block to frozen external encoders ([note:repa-recipe]).
 
     L = L_flow + proj_coeff * mean_e mean_{b,n} ( -cos( proj_e(h_l[b, n]), z_e[b, n] ) )
 
@@ -10,10 +10,10 @@
   Linear(W, F_e)``, W = 2048 (``zoo.layers.heads`` ``mlp3``), trained and saved with the backbone;
 * ``z_e`` ``(B, N, F_e)``: the frozen teacher's patch features of the clean data-space batch (``batch.raw``),
   computed under ``torch.no_grad``; a teacher whose feature grid is not the token grid is resampled to it
-  (bilinear, antialiased when shrinking; method.md §9 item 11 -- REPA itself resizes the encoder input so
+  (bilinear, antialiased when shrinking; [note:repa-other-grids] -- REPA itself resizes the encoder input so
   the grids match, which the ``vit`` teacher does by default);
 * the cosine is per token over channels (``dim=-1``) after ``F.normalize`` of both sides, in fp32 outside
-  autocast (method.md §9 item 6), averaged over tokens and batch, then over encoders ([REPA-code] ``loss.py``).
+  autocast ([note:cosine-fp32]), averaged over tokens and batch, then over encoders ([REPA-code] ``loss.py``).
 
 Metrics: ``loss_flow``; ``loss_rep`` = ``1 - mean cos`` (in [0, 2], the same form Self-Flow logs, so curves
 compare); with several encoders also ``loss_rep_<name>`` each.
@@ -94,7 +94,8 @@ class REPAParams(ZooParams):
             yield ("type",
                    f"REPA aligns image or video tokens to image encoders (frame by frame for video), and no encoder is "
                    f"registered for the {' + '.join(names)} tokens of modality {spec.modality.type!r}; use objective "
-                   f"'selfflow' (no external encoder) or 'flow_matching' here (method.md §9.11: external alignment "
+                   f"'selfflow' (no external encoder) or 'flow_matching' here "
+                   f"([note:repa-other-grids]: external alignment "
                    f"is a baseline for video/audio)")
             return
         known = sorted(spec.teachers)

@@ -1,7 +1,7 @@
 """Objective ``selfflow``: Self-Flow (Chefer, Esser et al. 2026) -- Dual-Timestep Scheduling plus
-self-distillation from the EMA teacher (method.md §2), in RF time (t = 0 data, t = 1 noise).
+self-distillation from the EMA teacher ([note:selfflow-step]), in RF time (t = 0 data, t = 1 noise).
 
-One step (method.md §2.1; ``B`` batch, ``N`` tokens, ``P`` token dim, ``D`` backbone width)::
+One step ([note:selfflow-step]; ``B`` batch, ``N`` tokens, ``P`` token dim, ``D`` backbone width)::
 
     t, s ~ p(t) independently per sample                        # (B,), (B,); unsorted by default
     M = mask.sample(rng, N)                                     # (B, N) bool, the second-timestep group
@@ -15,11 +15,11 @@ One step (method.md §2.1; ``B`` batch, ``N`` tokens, ``P`` token dim, ``D`` bac
 
 ``tau_min`` is the paper's ``min(tau)`` per sample ([SF-paper] §3.4): ``min(t, s)`` whenever both groups are
 non-empty, the sample's only time when one group is empty (``full_sample_prob`` draws, an empty Bernoulli
-mask). ``h`` is the projector (``mlp2`` = the official ``SimpleHead``, method.md §9.5).
+mask). ``h`` is the projector (``mlp2`` = the official ``SimpleHead``, [note:projector-size]).
 
-Options beyond the paper (method.md §2.4; off by default): ``teacher_time="sra"`` (per group
+Options beyond the paper ([note:dts-options]; off by default): ``teacher_time="sra"`` (per group
 ``clamp(t_g - sra_max_shift * u_g, 0, 1)``, ``u_g ~ U(0, 1)`` per sample and group, mixed with the same mask;
-with mask ratio 0 this is SRA, method.md §4), ``teacher_time="same"`` (teacher sees the student's input),
+with mask ratio 0 this is SRA, [note:sra-teacher]), ``teacher_time="same"`` (teacher sees the student's input),
 ``rep_tokens="noisier"`` (only tokens at the sample's largest time carry ``L_rep``), ``attention_separation``
 (student tokens attend only within their timestep group; the teacher keeps full attention) and
 ``sort_timesteps`` (the masked group gets ``max(t, s)``; [SRA2SF]'s sorted variant, an ablation).
@@ -41,7 +41,7 @@ Draw order from ``ctx.rng`` (fixed; every draw is made whatever the options are)
    (used by ``teacher_time="sra"`` only).
 
 The EMA teacher is also the evaluated model ([SF-paper] App. A.3, decay 0.9999): for short runs lower
-``train.ema.decay`` (``warnings`` says when its horizon ``1 / (1 - decay)`` exceeds the run; method.md §9.8).
+``train.ema.decay`` (``warnings`` says when its horizon ``1 / (1 - decay)`` exceeds the run; [note:ema-teacher]).
 The digits specs use 0.99 for that reason.
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _round_half_up(x: float) -> int:
 
 def default_blocks(depth: int) -> tuple[int, int]:
     """``(l, k)`` = ``(round(0.3 D), round(0.7 D))`` (halves up), with ``l >= 1`` and ``k >= l + 1`` where the
-    depth allows: 8 / 20 at D = 28, 4 / 8 at D = 12, 7 / 17 at D = 24 (method.md §5.1)."""
+    depth allows: 8 / 20 at D = 28, 4 / 8 at D = 12, 7 / 17 at D = 24 ([note:block-ratio])."""
     depth = int(depth)
     student = max(1, _round_half_up(STUDENT_FRACTION * depth))
     teacher = min(depth, max(student + 1, _round_half_up(TEACHER_FRACTION * depth)))
@@ -112,7 +112,7 @@ def _block_problems(student: int | None, teacher: int | None, depth: int | None)
 class SelfFlowParams(ZooParams):
     """Self-Flow: dual-timestep scheduling + cosine alignment to the EMA teacher's deeper features."""
 
-    type: Literal["selfflow"] = Field(..., description="Self-Flow objective ([SF-paper] §3.3-3.4; method.md §2).")
+    type: Literal["selfflow"] = Field(..., description="Self-Flow objective ([SF-paper] §3.3-3.4; [note:selfflow-step]).")
     timesteps: "TimestepsSpec" = Field(  # noqa: F821 (resolved by registry.spec.rebuild)
         default_factory=lambda: UniformTimestepsParams(type="uniform"),
         description="p(t) for both t and s, in RF time ([SF-paper] App. A.2, ImageNet: uniform).")
@@ -132,7 +132,7 @@ class SelfFlowParams(ZooParams):
                     "resolved from the backbone ([SF-paper] App. A.3/H: 20 for SiT-XL/2).")
     projector: Literal["mlp2", "mlp3"] = Field(
         "mlp2", description="Projector h: mlp2 = Linear(D, 2D)-SiLU-Linear(2D, D), the official Self-Flow/SRA "
-                            "SimpleHead ([SF-code]); mlp3 = REPA's 3-layer MLP (paper's '~10M params', method.md §9.5).")
+                            "SimpleHead ([SF-code]); mlp3 = REPA's 3-layer MLP (paper's '~10M params', [note:projector-size]).")
     projector_width: int | None = Field(
         None, gt=0, description="Hidden width of the projector; null = the head's default (mlp2: 2D, mlp3: 2048), "
                                 "resolved from the backbone width.")
@@ -143,7 +143,7 @@ class SelfFlowParams(ZooParams):
     sra_max_shift: float = Field(0.2, ge=0.0, le=1.0, description="Largest teacher shift of teacher_time='sra' "
                                                                   "([SRA-code] loss.py: t_max = 0.2).")
     rep_tokens: Literal["all", "noisier"] = Field(
-        "all", description="Tokens carrying L_rep: all ([SF-paper] Eq. 6, method.md §9.7) or only those at the "
+        "all", description="Tokens carrying L_rep: all ([SF-paper] Eq. 6, [note:rep-tokens]) or only those at the "
                            "sample's larger time (ablation).")
     attention_separation: bool = Field(
         False, description="Student tokens attend only within their timestep group ([SRA-DTS] "
@@ -156,7 +156,7 @@ class SelfFlowParams(ZooParams):
                                              "student and teacher ([SF-iss#10]; SiT/REPA: 0.1).")
     timesteps_per_modality: bool = Field(
         False, description="Draw (t, s) separately for each modality of a sample; default false = one (t, s) pair "
-                           "shared by all modalities of a sample (method.md §2.3 joint audio+video default).")
+                           "shared by all modalities of a sample ([note:joint-av-times]).")
     modality_weights: Annotated[dict[str, float], StreamKeys()] = Field(
         default_factory=dict, description="Flow-loss weight per modality; a modality not named weighs 1. L_rep is "
                                           "over all tokens of all modalities.")
@@ -194,13 +194,13 @@ class SelfFlowParams(ZooParams):
                    f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
 
     def warnings(self, spec: Any):
-        """The EMA is the teacher: warn when its averaging horizon exceeds the run (method.md §9.8)."""
+        """The EMA is the teacher: warn when its averaging horizon exceeds the run ([note:ema-teacher])."""
         decay, steps = spec.train.ema.decay, spec.train.steps
         horizon = 1.0 / (1.0 - decay)
         if horizon > steps:
             target = max(1, steps // 10)
             yield (f"train.ema.decay {decay:g} averages over ~{horizon:,.0f} steps, more than the run's {steps:,}: the "
-                   f"EMA teacher lags the student for the whole run (method.md §9.8); consider a decay of at most "
+                   f"EMA teacher lags the student for the whole run ([note:ema-teacher]); consider a decay of at most "
                    f"{1 - 1 / target:.4g} (horizon {target:,} steps)")
 
 

@@ -1,5 +1,5 @@
 """Training timestep distributions ``p(t)`` on [0, 1] (RF time: 0 = data, 1 = noise), each given by its
-inverse CDF so a draw is ``icdf(U(0, 1))`` (method.md §1.4).
+inverse CDF so a draw is ``icdf(U(0, 1))`` ([note:timestep-densities]).
 
 Inverse CDFs are evaluated in float64 and cast back to the input's dtype, so they are monotone
 non-decreasing in ``u`` and stay inside [0, 1] even where float32 ``erfinv`` saturates.
@@ -64,7 +64,7 @@ class LogitNormalTimestepsParams(ZooParams):
     """``logit(t) ~ N(mean, std^2)``."""
 
     type: Literal["logit_normal"] = Field(..., description="Logit-normal (REPA 'lognormal', SD3/FLUX).")
-    mean: float = Field(0.0, description="Mean of logit(t) (REPA 'lognormal': 0; Self-Flow base assumed 0, method.md §9.10).")
+    mean: float = Field(0.0, description="Mean of logit(t) (REPA 'lognormal': 0; Self-Flow base assumed 0, [note:logit-normal-base]).")
     std: float = Field(1.0, gt=0, description="Standard deviation of logit(t) (REPA 'lognormal': 1; Self-Flow base assumed 1).")
 
 
@@ -85,7 +85,7 @@ class ShiftedTimestepsParams(ZooParams):
     """``t = s(shift, t_base)`` with ``s(a, t) = a t / (1 + (a - 1) t)``; ``shift > 1`` moves mass toward noise."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        # Self-Flow App. A.2 (method.md §1.4): trainshift per autoencoder, on a logit-normal(0, 1) base.
+        # [SF-paper] App. A.2 ([note:timestep-densities]): trainshift per autoencoder, on a logit-normal(0, 1) base.
         "flux2_image": {"shift": 4.63, "base": {"type": "logit_normal"}},
         "wan22_video": {"shift": 2.95, "base": {"type": "logit_normal"}},
         "songbloom_audio": {"shift": 1.0, "base": {"type": "logit_normal"}},

@@ -1,4 +1,4 @@
-"""Classifier-free guidance as a velocity wrapper (method.md §7.1-7.2): ``v_u + scale (v_c - v_u)`` for samples
+"""Classifier-free guidance as a velocity wrapper ([note:cfg-interval]): ``v_u + scale (v_c - v_u)`` for samples
 whose RF time lies in ``[low, high]`` (REPA: scale 1.8, high 0.7), the conditional velocity elsewhere."""
 from __future__ import annotations
 

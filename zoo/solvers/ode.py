@@ -1,7 +1,7 @@
 """Deterministic samplers of the probability-flow ODE ``dx/dt = v(x, t)`` from t = 1 (noise) to t = 0 (data).
 
 Grid: ``shift_time(linspace(1, 0, steps + 1), shift)`` (REPA ``euler_sampler``; Self-Flow / FLUX sampleshift,
-method.md §7.2-7.3). The state is integrated in float64 (as REPA does); the velocity sees ``x`` in the
+[note:ode-grid]). The state is integrated in float64 (as REPA does); the velocity sees ``x`` in the
 noise's dtype and ``t`` ``(B,)`` in at least float32.
 """
 from __future__ import annotations

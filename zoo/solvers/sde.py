@@ -1,4 +1,4 @@
-"""The SiT / REPA / Self-Flow SDE sampler (Euler-Maruyama), written in RF time (method.md §7.1-7.2).
+"""The SiT / REPA / Self-Flow SDE sampler (Euler-Maruyama), written in RF time ([note:sde-sampler]).
 
 Going backwards in time (``dt < 0``), the reverse SDE with the same marginals as the flow is
 

