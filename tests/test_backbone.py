@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 import zoo  # noqa: F401  (registers the built-ins, resolves forward references)
 from registry.kinds import ATTENTION, BACKBONES
 from zoo.core.protocols import Attention, Backbone
-from zoo.backbones.sit import SiT, SiTParams, _modulate
+from zoo.backbones.common import modulate as _modulate
+from zoo.backbones.sit import SiT, SiTParams
 from zoo.layers.attention import (MathAttentionParams, SDPAAttention, SDPAAttentionParams, XFormersAttention,
                                   XFormersAttentionParams, attention_candidates, build_attention,
                                   default_attention)

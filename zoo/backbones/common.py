@@ -1,5 +1,6 @@
-"""What the DiT-family backbones (``sit``, ``mmdit``) share: the checks of ``forward``'s arguments and the
-per-sample, per-(sample, group) or per-(sample, t) conditioning ``c = t_embedder(t) + y_embedder(y)``."""
+"""What the DiT-family backbones (``sit``, ``mmdit``) share: the checks of ``forward``'s arguments, the
+per-sample, per-(sample, group) or per-(sample, t) conditioning ``c = t_embedder(t) + y_embedder(y)``, the
+adaLN helpers (``modulate``, ``per_token``), the modulated output head ``FinalLayer`` and ``build_device``."""
 from __future__ import annotations
 
 from typing import Any
@@ -79,3 +80,35 @@ def conditioning(t_embedder: nn.Module, y_embedder: nn.Module, t: Times, y: Tens
     keys = torch.arange(b, device=t.device)[:, None] * u + t_idx           # (B, N) pair key b * U + t-rank
     pairs, index = torch.unique(keys, return_inverse=True)                 # (K,), (B, N)
     return t_embedder(t_vals[pairs % u]) + y_embedder(y[pairs // u]), index
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: ``x * (1 + scale) + shift`` (``shift``/``scale`` broadcast over tokens)."""
+    return x * (1 + scale) + shift
+
+
+def per_token(mod: Tensor, index: Tensor | None) -> Tensor:
+    """Per-pair modulation ``(K, m)`` -> per-token ``(B, N, m)`` (rows picked by ``index`` ``(B, N)``), or, with
+    ``index=None`` (one pair per sample, ``K = B``), ``(B, 1, m)`` broadcast over tokens."""
+    return mod[:, None] if index is None else mod[index]
+
+
+class FinalLayer(nn.Module):
+    """The output head: ``x`` ``(B, N, D)`` -> ``(B, N, P)``: LayerNorm (no affine), (shift, scale) from ``c``
+    ``(K, D)`` through ``SiLU -> Linear(D, 2D)``, then ``linear``."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x: Tensor, c: Tensor, index: Tensor | None) -> Tensor:
+        shift, scale = per_token(self.adaLN_modulation(c), index).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def build_device() -> torch.device:
+    """The device modules are being created on (``with torch.device(...)``); meta counts as CPU."""
+    dev = torch.get_default_device()
+    return torch.device("cpu") if dev.type == "meta" else dev

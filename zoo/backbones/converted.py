@@ -36,7 +36,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import BACKBONES
-from zoo.backbones.sit import FinalLayer, SiT, SiTParams
+from zoo.backbones.common import FinalLayer
+from zoo.backbones.sit import SiT, SiTParams
 from zoo.core.time import Times, sit_time
 from zoo.core.types import BackboneOut
 

@@ -51,7 +51,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.kinds import BACKBONES, POSITIONS
-from zoo.backbones.common import check_forward_args, conditioning
+from zoo.backbones.common import FinalLayer, build_device, check_forward_args, conditioning, modulate, per_token
 from zoo.core.layout import TokenLayout
 from zoo.core.params import ZooParams
 from zoo.core.time import Times
@@ -112,13 +112,6 @@ class MmditParams(ZooParams):
         return self
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
-
-
-def _gather(mod: Tensor, index: Tensor | None) -> Tensor:
-    """Per-pair ``(K, m)`` -> per-token ``(B, n, m)`` by ``index`` ``(B, n)``; ``index=None``: ``(B, 1, m)``."""
-    return mod[:, None] if index is None else mod[index]
 
 
 class RMSNorm(nn.Module):
@@ -190,7 +183,7 @@ class DoubleBlock(nn.Module):
     def forward(self, hs: list[Tensor], mods: list[Tensor], cos: Tensor, sin: Tensor,
                 attn_mask: Tensor | None) -> list[Tensor]:
         chunks = [m.chunk(6, dim=-1) for m in mods]    # per segment: shift1, scale1, gate1, shift2, scale2, gate2
-        qkv = [self.streams[name].attn(_modulate(self.streams[name].norm1(h), ch[0], ch[1]))
+        qkv = [self.streams[name].attn(modulate(self.streams[name].norm1(h), ch[0], ch[1]))
                for name, h, ch in zip(self.names, hs, chunks)]
         q, k, v = (_cat([p[i] for p in qkv]) for i in range(3))              # (B, N, H, Dh)
         q, k = self.positions.apply(q, k, cos, sin)
@@ -200,7 +193,7 @@ class DoubleBlock(nn.Module):
         for name, h, ch in zip(self.names, hs, chunks):
             st, n = self.streams[name], h.shape[1]
             h = h + ch[2] * st.proj(a[:, start:start + n])
-            out.append(h + ch[5] * st.mlp(_modulate(st.norm2(h), ch[3], ch[4])))
+            out.append(h + ch[5] * st.mlp(modulate(st.norm2(h), ch[3], ch[4])))
             start += n
         return out
 
@@ -220,26 +213,13 @@ class SingleBlock(nn.Module):
 
     def forward(self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None) -> Tensor:
         shift, scale, gate = mod.chunk(3, dim=-1)
-        u = _modulate(self.norm(x), shift, scale)
+        u = modulate(self.norm(x), shift, scale)
         q, k, v = self.attn(u)
         q, k = self.positions.apply(q, k, cos, sin)
         a = self.attn_fn(q, k, v) if attn_mask is None else self.attn_fn(q, k, v, attn_mask)
         g, b = self.mlp_in(u).chunk(2, dim=-1)
         return x + gate * self.linear2(torch.cat([a.flatten(2), F.silu(g) * b], dim=-1))
 
-
-class FinalLayer(nn.Module):
-    """One segment's head: ``(B, n, D)`` -> ``(B, n, P_s)``: LayerNorm, (shift, scale) from ``c``, ``linear``."""
-
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, out_dim)
-
-    def forward(self, x: Tensor, c: Tensor, index: Tensor | None) -> Tensor:
-        shift, scale = _gather(self.adaLN_modulation(c), index).chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
 
 
 def _cat(xs: list[Tensor], dim: int = 1) -> Tensor:
@@ -285,7 +265,7 @@ class Mmdit(nn.Module):
         self.num_classes = int(num_classes)
         self.null_label = self.num_classes
         d, names = self.hidden, layout.names
-        attn_fn = build_attention(params.attention, _build_device())
+        attn_fn = build_attention(params.attention, build_device())
         self.positions = POSITIONS.build(params.positions, head_dim=d // self.heads)
         self.attention_backend = attn_fn
         self.register_buffer("coords", layout.coords.detach().float().to(torch.get_default_device()),
@@ -373,7 +353,7 @@ class Mmdit(nn.Module):
             for k, block in enumerate(self.double_blocks[:last], start=1):
                 if not mods or not self.shared:
                     table = self.double_mod[0 if self.shared else k - 1]
-                    mods = [_gather(table[s.name](c), i) for s, i in zip(segs, idx)]       # (B, 1 or n_s, 6D)
+                    mods = [per_token(table[s.name](c), i) for s, i in zip(segs, idx)]       # (B, 1 or n_s, 6D)
                 hs = block(hs, mods, cos, sin, attn_mask)
                 if k in taps:
                     features[k] = _cat(hs)
@@ -382,7 +362,7 @@ class Mmdit(nn.Module):
             mod: Tensor | None = None
             for k, block in enumerate(self.single_blocks[: last - self.num_double], start=self.num_double + 1):
                 if mod is None or not self.shared:
-                    mod = _gather(self.single_mod[0 if self.shared else k - self.num_double - 1](c), index)  # (B, 1|N, 3D)
+                    mod = per_token(self.single_mod[0 if self.shared else k - self.num_double - 1](c), index)  # (B, 1|N, 3D)
                 h = block(h, mod, cos, sin, attn_mask)
                 if k in taps:
                     features[k] = h
@@ -414,9 +394,3 @@ class Mmdit(nn.Module):
         mod = (6 * s * d * d * len(self.double_mod) if self.num_double else 0) + 3 * d * d * len(self.single_mod)
         macs = self.depth * block + mod + 2 * s * d * d + io + self.t_embedder.frequency_dim * d + d * d
         return 2.0 * macs
-
-
-def _build_device() -> torch.device:
-    """The device modules are being created on (``with torch.device(...)``); meta counts as CPU."""
-    dev = torch.get_default_device()
-    return torch.device("cpu") if dev.type == "meta" else dev

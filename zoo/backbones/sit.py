@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.kinds import BACKBONES
-from zoo.backbones.common import check_forward_args, conditioning
+from zoo.backbones.common import FinalLayer, build_device, check_forward_args, conditioning, modulate, per_token
 from zoo.core.params import ZooParams
 from zoo.core.layout import TokenLayout
 from zoo.core.time import Times
@@ -80,14 +80,6 @@ class SiTParams(ZooParams):
         return self
 
 
-def _expand(mod: Tensor, index: Tensor | None) -> Tensor:
-    """Per-pair modulation ``(K, m)`` -> per-token ``(B, N, m)`` (gather by ``index`` ``(B, N)``), or, with
-    ``index=None`` (one pair per sample, ``K = B``), ``(B, 1, m)`` broadcast over tokens."""
-    return mod[:, None] if index is None else mod[index]
-
-
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
 
 
 class Attention(nn.Module):
@@ -139,24 +131,11 @@ class SiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: Tensor, c: Tensor, index: Tensor | None, attn_mask: Tensor | None = None) -> Tensor:
-        mod = _expand(self.adaLN_modulation(c), index)                      # (B, 1 or N, 6D)
+        mod = per_token(self.adaLN_modulation(c), index)                      # (B, 1 or N, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), attn_mask)
-        return x + gate_mlp * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask)
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
-
-class FinalLayer(nn.Module):
-    """``x`` ``(B, N, D)`` -> ``(B, N, P)``: LayerNorm, 2 modulation vectors (shift, scale), ``linear``."""
-
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x: Tensor, c: Tensor, index: Tensor | None) -> Tensor:
-        shift, scale = _expand(self.adaLN_modulation(c), index).chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
 
 
 @BACKBONES.register
@@ -193,7 +172,7 @@ class SiT(nn.Module):
         self.num_tokens = grid[0] * grid[1]
         self.null_label = self.num_classes
         d = self.hidden
-        attn_fn = build_attention(params.attention, _build_device())
+        attn_fn = build_attention(params.attention, build_device())
 
         self.x_embedder = nn.Linear(self.token_dim, d)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid)[None], persistent=True)  # (1, N, D)
@@ -273,9 +252,3 @@ class SiT(nn.Module):
         block = n * (4 * d * d + 2 * d * mlp) + 2 * n * n * d + 6 * d * d
         macs = self.depth * block + 2 * d * d + 2 * n * p * d + (self.t_embedder.frequency_dim * d + d * d)
         return 2.0 * macs
-
-
-def _build_device() -> torch.device:
-    """The device modules are being created on (``with torch.device(...)``); meta counts as CPU."""
-    dev = torch.get_default_device()
-    return torch.device("cpu") if dev.type == "meta" else dev

@@ -13,7 +13,7 @@ Draw order from ``ctx.rng`` in :class:`FlowMatching` (fixed; changing it changes
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Iterator, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,14 @@ class FlowDraws(NamedTuple):
     y: Tensor | None
 
 
+def null_label_problems(spec: Any, label_dropout: float) -> Iterator[tuple[str, str]]:
+    """The rule every class-conditional objective shares: guided sampling (``sample.cfg_scale != 1``) needs the
+    null label trained, i.e. ``label_dropout > 0``; yields ``("label_dropout", message)`` when it is not."""
+    if getattr(spec.sample, "cfg_scale", 1.0) != 1.0 and label_dropout == 0 and spec.data.num_classes > 0:
+        yield ("label_dropout",
+               f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
+
+
 def null_label_of(student: nn.Module) -> int:
     """The backbone's CFG null label (``num_classes``), looking through a DDP / compile wrapper."""
     for m in (student, getattr(student, "module", None), getattr(student, "_orig_mod", None)):
@@ -108,9 +116,7 @@ class FlowMatchingParams(ZooParams):
 
     def problems(self, spec: Any):
         """A guided sampler needs a trained null label."""
-        if getattr(spec.sample, "cfg_scale", 1.0) != 1.0 and self.label_dropout == 0 and spec.data.num_classes > 0:
-            yield ("label_dropout",
-                   f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
+        yield from null_label_problems(spec, self.label_dropout)
 
 
 @OBJECTIVES.register

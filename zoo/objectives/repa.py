@@ -34,7 +34,8 @@ from zoo.core.params import FieldError, ZooParams
 from zoo.core.protocols import ObjectiveModule
 from zoo.core.types import LossOut, StepContext, StepRNG, TokenBatch
 from zoo.layers.heads import build_projector, projector_flops
-from zoo.objectives.flow_matching import FlowDraws, draw_noise, drop_labels, flow_loss, noised, null_label_of
+from zoo.objectives.flow_matching import (FlowDraws, draw_noise, drop_labels, flow_loss, noised, null_label_of,
+                                         null_label_problems)
 from zoo.objectives.timesteps import UniformTimestepsParams, build_timesteps
 
 
@@ -112,9 +113,7 @@ class REPAParams(ZooParams):
         depth = getattr(spec.backbone, "depth", None)
         if self.align_depth is not None and depth is not None and self.align_depth > depth:
             yield "align_depth", f"block {self.align_depth} is past the backbone's last block ({depth})"
-        if getattr(spec.sample, "cfg_scale", 1.0) != 1.0 and self.label_dropout == 0 and spec.data.num_classes > 0:
-            yield ("label_dropout",
-                   f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
+        yield from null_label_problems(spec, self.label_dropout)
 
     def warnings(self, spec: Any) -> Iterable[str]:
         """Advice printed by ``runtime.run``: audio tokens without an encoder; encoders whose feature grid is

@@ -61,7 +61,8 @@ from zoo.core.time import GroupedTimes, Times
 from zoo.core.types import LossOut, StepContext, StepRNG, TokenBatch
 from zoo.layers.heads import build_projector, projector_flops
 from zoo.core.layout import TokenLayout
-from zoo.objectives.flow_matching import draw_noise, drop_labels, flow_loss, noised, null_label_of
+from zoo.objectives.flow_matching import (draw_noise, drop_labels, flow_loss, noised, null_label_of,
+                                         null_label_problems)
 from zoo.objectives.masks import BernoulliMaskParams, build_mask
 from zoo.objectives.timesteps import UniformTimestepsParams, build_timesteps
 
@@ -189,9 +190,7 @@ class SelfFlowParams(ZooParams):
             missing = [n for n in names if n not in ratio]
             if missing:
                 yield "mask.ratio", f"no mask ratio for modality {', '.join(map(repr, missing))} (given: {sorted(ratio)})"
-        if getattr(spec.sample, "cfg_scale", 1.0) != 1.0 and self.label_dropout == 0 and spec.data.num_classes > 0:
-            yield ("label_dropout",
-                   f"sample.cfg_scale is {spec.sample.cfg_scale:g} but label_dropout is 0: the null label is never trained")
+        yield from null_label_problems(spec, self.label_dropout)
 
     def warnings(self, spec: Any):
         """The EMA is the teacher: warn when its averaging horizon exceeds the run ([note:ema-teacher])."""
