@@ -314,7 +314,8 @@ class Evaluator:
         """Samples of ``sample.n`` under ``samples/step_<step>``: a PNG sheet for images; MP4 (with audio and a
         poster), WAV, GIF and a contact sheet for clips (:mod:`runtime.media_out`). ``final`` (the end of the
         run) adds, for clips, real held-out clips of the same labels under ``samples/real/`` and, for
-        ``bouncing_digits_av`` data, what the metrics read in each clip (``clips.json`` in both folders)."""
+        data whose metrics read clips one by one (``Metric.clip_readings``, e.g. ``bouncing_digits_av``'s AV metrics),
+        what they read in each clip (``clips.json`` in both folders)."""
         s = self.graph.spec.sample
         samples, labels = self._generate(s.n, s.seed)
         rates = self.graph.spec.data.stream_rates()
@@ -336,12 +337,13 @@ class Evaluator:
             rates = data.stream_rates()
             got = write_samples(x, y if written.labels[0] is not None else None, rates, self.run_dir / "samples",
                                 "real", nrow=nrow)
-        if data.type == "bouncing_digits_av":
-            from zoo.metrics.av import read_clips
-
-            write_clip_readings(read_clips(samples, data, self.graph.device), written)
-            if got is not None:
-                write_clip_readings(read_clips(x, data, self.graph.device), got)
+        for metric in self.on_samples:  # the first sample metric that reads clips one by one (Metric.clip_readings)
+            readings = metric.clip_readings(samples)
+            if readings is not None:
+                write_clip_readings(readings, written)
+                if got is not None:
+                    write_clip_readings(metric.clip_readings(x), got)
+                break
 
     def evaluate(self, step: int, with_real: bool = False) -> dict[str, float]:
         """Sample metrics on ``eval.num_samples`` generated samples (and, ``with_real``, on as many real

@@ -125,6 +125,12 @@ class Metric:
 
     uses_model: ClassVar[bool] = False
 
+    def clip_readings(self, samples: Any) -> list[dict[str, Any]] | None:
+        """What this metric reads in each sample, one JSON-ready dict per sample, for the report to show beside
+        the clip (e.g. the digit a clip's video and audio read as); None (the default) when it reads nothing
+        per sample."""
+        return None
+
 
 @runtime_checkable
 class DrawnObjective(Objective, Protocol):

@@ -239,6 +239,10 @@ class _AVMetric(Metric):
         self.rates = data_params.stream_rates()
         self.classifier = get_frame_classifier(data_params, self.device) if "video" in self.needs else None
 
+    def clip_readings(self, samples: Any) -> list[dict[str, Any]]:
+        """Every reading of :func:`read_clips` per clip (the same for each AV metric)."""
+        return read_clips(samples, self.data_params, self.device)
+
     def _streams(self, samples: Any) -> dict[str, Tensor] | None:
         """The needed streams (clamped to [-1, 1], on the CPU), or None (with a warning) if any is not finite."""
         if isinstance(samples, dict):
