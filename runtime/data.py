@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from zoo.core.protocols import epoch_indexed
+
 # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecated: a warning on every iterator, harmless.
 warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*", category=UserWarning)
 
@@ -241,7 +243,7 @@ def build_loader(
     """
     sampler = GlobalBatchSampler(
         len(dataset), global_batch, grad_accum, rank, world_size, seed, shuffle=shuffle,
-        epoch_indexed=bool(getattr(dataset, "epoch_indexed", False)),
+        epoch_indexed=epoch_indexed(dataset),
     )
     gen_seed = int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, np.uint64)[0] >> 1)
     kwargs: dict[str, Any] = {"generator": torch.Generator().manual_seed(gen_seed)}

@@ -36,6 +36,7 @@ from runtime.latents import latent_health
 from runtime.optim import LearningRate, build_optimizer
 from runtime.sample import default_labels, generate
 from runtime.tracking import Tracker
+from zoo.core.protocols import skipped_samples
 from zoo.core.types import StepContext, StepRNG, TokenBatch
 
 
@@ -196,8 +197,9 @@ def train(graph: RunComponents, run_dir: Path, info: DistInfo, resume: Path | No
             vals = {k: float(all_reduce_mean(v / max(n_window, 1), info)) for k, v in window.items()}
             vals.update(skipped_steps=skipped, steps_per_s=(done - last_logged) / dt,
                         samples_per_s=(done - last_logged) * tr.batch_size / dt)
-            if hasattr(dataset, "skipped_samples"):  # samples a bad media file could not give (on_error: skip)
-                vals["skipped_samples"] = dataset.skipped_samples
+            skipped_data = skipped_samples(dataset)  # samples a bad media file could not give (on_error: skip)
+            if skipped_data is not None:
+                vals["skipped_samples"] = skipped_data
             tracker.scalars(done, vals)
             bar.set_postfix(loss=f"{vals.get('loss', float('nan')):.4f}", refresh=False)
             window, n_window, t_window, last_logged = {}, 0, time.perf_counter(), done

@@ -132,6 +132,34 @@ class Metric:
         return None
 
 
+class Dataset(Protocol):
+    """What ``DATASETS.build(params, split=...)`` returns: a map-style dataset, ``len(ds)`` samples and
+    ``ds[i] -> (sample, label)`` (``sample`` one data-space tensor or a dict of streams, ``label`` an int or -1).
+
+    Two optional attributes, declared here with their defaults and read only through :func:`epoch_indexed` and
+    :func:`skipped_samples` (so this is the one place a reader finds them):
+
+    * ``epoch_indexed: bool = False`` -- the loader hands out ``epoch * len(ds) + i`` instead of ``i``, so a
+      dataset can draw anew each epoch (a latent cache sampling its posteriors);
+    * ``skipped_samples: int`` (absent: not counted) -- samples a bad media file could not give and another
+      file stood in for (``on_error: skip``), logged as ``skipped_samples`` in the run's metrics.
+    """
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> Any: ...
+
+
+def epoch_indexed(dataset: Any) -> bool:
+    """``dataset.epoch_indexed`` (:class:`Dataset`), False when the dataset does not declare it."""
+    return bool(getattr(dataset, "epoch_indexed", False))
+
+
+def skipped_samples(dataset: Any) -> int | None:
+    """``dataset.skipped_samples`` (:class:`Dataset`), None for datasets that do not count skipped samples."""
+    value = getattr(dataset, "skipped_samples", None)
+    return None if value is None else int(value)
+
+
 @runtime_checkable
 class DrawnObjective(Objective, Protocol):
     """An objective whose randomness is drawn apart from its loss (``flow_matching``, ``selfflow``, ``repa``), so
