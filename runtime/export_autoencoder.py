@@ -10,13 +10,14 @@ loader checks. Both files are written through temporary siblings and renamed, co
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from storage.checkpoint import find_checkpoint, load_weights
+from storage.safe_state import sha256_file
 from storage.files import write_json_atomic
 
 
@@ -24,7 +25,7 @@ def export(run: str | Path, out: str | Path, *, weights: str = "ema", stats_samp
     """Write the exported directory ``out`` (see the module docstring) and return it."""
     import zoo  # noqa: F401  (registers the entries)
     from registry.kinds import BACKBONES, DATASETS
-    from zoo.autoencoders.clip_vae import CONFIG, WEIGHTS, sha256_file
+    from zoo.autoencoders.clip_vae import CONFIG, WEIGHTS
     from zoo.autoencoders.conv_vae import compute_latent_stats
 
     ck = find_checkpoint(Path(run))
@@ -39,7 +40,7 @@ def export(run: str | Path, out: str | Path, *, weights: str = "ema", stats_samp
     dp = DATASETS.get(raw["data"]["type"]).Params.model_validate(raw["data"])
     shape = tuple(int(s) for s in dp.sample_shape())
     grid = tuple(s // d for s, d in zip(shape[1:], bp.downsample))
-    backbone = BACKBONES.build(bp, token_dim=shape[0] * int(torch.tensor(bp.downsample).prod()), grid=grid)
+    backbone = BACKBONES.build(bp, token_dim=shape[0] * math.prod(bp.downsample), grid=grid)
     backbone.load_state_dict(state)
     net = backbone.net.eval()
     mean, std = compute_latent_stats(backbone.eval(), raw, stats_samples)

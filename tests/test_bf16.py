@@ -21,12 +21,7 @@ MODALITY = {"sit": {"type": "image"}, "mmdit": {"type": "image", "patch": 2}}
 SELFFLOW = {"type": "selfflow", "mask": {"type": "bernoulli", "ratio": 0.25}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _graph(name: str, precision: str):

@@ -30,11 +30,11 @@ def random_export(out: Path, sample_shape: tuple[int, ...] = (1, 2, 8, 8), **bac
     """An exported ``clip_vae`` directory with random weights (the ``tiny`` preset unless ``backbone`` says
     otherwise) and unit latent statistics, in the layout ``runtime.export_autoencoder`` writes."""
     from safetensors.torch import save_file
-    from zoo.autoencoders.clip_vae import ClipVAENet, sha256_file
+    from storage.safe_state import sha256_file
+    from zoo.autoencoders.clip_vae import ClipVAENet
 
     bp = BACKBONES.get("clip_vae").Params.model_validate({"type": "clip_vae", "preset": "tiny", **backbone})
-    net = ClipVAENet(sample_shape[0], [tuple(s) for s in bp.strides], list(bp.channels), bp.latent_channels,
-                     bp.res_blocks, bp.mid_blocks, bp.groups)
+    net = ClipVAENet.from_params(bp, sample_shape[0])
     out.mkdir(parents=True, exist_ok=True)
     save_file(net.state_dict(), str(out / WEIGHTS))
     z = bp.latent_channels

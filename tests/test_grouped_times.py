@@ -13,12 +13,11 @@ from torch import nn
 import zoo  # noqa: F401  (registers the built-ins)
 from registry.kinds import BACKBONES
 from tests.helpers import tiny_spec_dict
+from tests.test_mmdit import NA, NV, PA, av_layout
 from zoo.backbones.mmdit import Mmdit, MmditParams
-from zoo.core.layout import Segment, TokenLayout
 from zoo.core.time import GroupedTimes, sit_time
 from zoo.core.types import StepContext, StepRNG, TokenBatch
 
-NV, NA, PV, PA = 8, 6, 12, 20          # video-like and audio-like segments of the mmdit layout
 GRID, P, NCLS = (4, 4), 8, 3
 N = GRID[0] * GRID[1]
 
@@ -27,12 +26,7 @@ DATA_DEPENDENT = ("unique", "nonzero", "item", "local_scalar_dense", "assert_sca
                   "sym_constrain_range", "tolist")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(net: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
@@ -42,14 +36,6 @@ def _randomize(net: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
         for prm in net.parameters():
             prm.copy_(torch.randn(prm.shape, generator=g) * std)
     return net
-
-
-def av_layout() -> TokenLayout:
-    ft, rr, cc = torch.meshgrid(torch.arange(2.0), torch.arange(2.0), torch.arange(2.0), indexing="ij")
-    video = torch.stack([ft.reshape(-1) * 0.16, rr.reshape(-1), cc.reshape(-1)], dim=1)
-    audio = torch.stack([torch.arange(NA) * 0.04, torch.zeros(NA), torch.zeros(NA)], dim=1)
-    segs = (Segment("video", 0, NV, PV, (2, 2, 2)), Segment("audio", NV, NA, PA, (NA,)))
-    return TokenLayout(segs, torch.cat([video, audio]))
 
 
 @functools.lru_cache(maxsize=None)

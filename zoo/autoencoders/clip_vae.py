@@ -22,21 +22,19 @@ width) and a width ``c_i``::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from registry.kinds import AUTOENCODERS, BACKBONES
-from zoo.autoencoders.base import AutoencoderModule, TrainableAutoencoder
-from zoo.autoencoders.conv_vae import LOGVAR_RANGE, ResBlock
+from storage.safe_state import sha256_file
+from zoo.autoencoders.base import TrainableAutoencoder
+from zoo.autoencoders.conv_vae import LOGVAR_RANGE, FrozenVAE, ResBlock
 from zoo.core.params import AutoencoderParams, Root, ZooParams
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -68,6 +66,12 @@ class ClipVAENet(nn.Module):
                 dec += [nn.GroupNorm(math.gcd(groups, c), c), nn.SiLU()]
             dec.append(nn.ConvTranspose3d(c, c_out, strides[i], stride=strides[i]))
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+
+    @classmethod
+    def from_params(cls, params: "ClipVAEParams", in_channels: int) -> "ClipVAENet":
+        """The network a ``clip_vae`` backbone's params describe, for clips of ``in_channels`` channels."""
+        return cls(in_channels, [tuple(s) for s in params.strides], list(params.channels), params.latent_channels,
+                   params.res_blocks, params.mid_blocks, params.groups)
 
     def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, C, T, H, W)`` -> posterior ``(mean, logvar)``; logvar clamped to a safe range."""
@@ -161,8 +165,7 @@ class ClipVAE(TrainableAutoencoder):
         self.params, self.patch = params, d
         self.in_channels = token_dim // math.prod(d)
         self.hidden = params.latent_channels
-        self.net = ClipVAENet(self.in_channels, [tuple(s) for s in params.strides], list(params.channels),
-                              params.latent_channels, params.res_blocks, params.mid_blocks, params.groups)
+        self.net = ClipVAENet.from_params(params, self.in_channels)
 
     def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.net.encode_moments(x)
@@ -176,14 +179,6 @@ class ClipVAE(TrainableAutoencoder):
 
 
 # ------------------------------------------------------------------------------ frozen exported network
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_export(path: str | Path) -> dict[str, Any]:
     """The ``config.json`` of an exported ``clip_vae`` directory, checked for the fields the loader needs;
     FileNotFoundError / ValueError naming the file and the field."""
@@ -242,9 +237,9 @@ class ClipVAEAutoencoderParams(AutoencoderParams):
 
 
 @AUTOENCODERS.register
-class ClipVAEAutoencoder(AutoencoderModule):
-    """Frozen exported VAE: ``encode`` ``(B, C, T, H, W)`` -> normalised posterior mean ``(B, z, T', H', W')``,
-    ``decode`` the inverse; ``moments`` / ``decode_raw`` / ``published_stats`` in raw units."""
+class ClipVAEAutoencoder(FrozenVAE):
+    """Frozen exported VAE (:class:`~zoo.autoencoders.conv_vae.FrozenVAE`): ``encode`` ``(B, C, T, H, W)`` ->
+    normalised posterior mean ``(B, z, T', H', W')``, ``decode`` the inverse."""
 
     Params = ClipVAEAutoencoderParams
 
@@ -257,36 +252,11 @@ class ClipVAEAutoencoder(AutoencoderModule):
         bp = ClipVAEParams.model_validate(cfg["backbone"])
         c = int(cfg["sample_shape"][0])
         self.params = params
-        self.net = ClipVAENet(c, [tuple(s) for s in bp.strides], list(bp.channels), bp.latent_channels,
-                              bp.res_blocks, bp.mid_blocks, bp.groups)
+        self.net = ClipVAENet.from_params(bp, c)
         try:
             self.net.load_state_dict(load_file(weights))
         except RuntimeError as e:
             raise ValueError(f"{weights}: does not match the architecture in {CONFIG} ({str(e).splitlines()[0]})") from None
         self.eval().requires_grad_(False)
-        self.register_buffer("shift", torch.tensor(cfg["latent_mean"]).float(), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg["latent_std"]).float(), persistent=False)
+        self.set_stats(cfg["latent_mean"], cfg["latent_std"])
 
-    def published_stats(self) -> tuple[list[float], list[float]]:
-        return self.shift.tolist(), self.std.tolist()
-
-    def _view(self, v: Tensor, z: Tensor) -> Tensor:
-        return v.to(z).view(1, -1, 1, 1, 1)
-
-    @torch.no_grad()
-    def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, C, T, H, W)`` -> raw posterior ``(mean, logvar)``."""
-        return self.net.encode_moments(x.float())
-
-    @torch.no_grad()
-    def decode_raw(self, z: Tensor) -> Tensor:
-        return self.net.decode(z.float())
-
-    @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
-        mean, _ = self.moments(x)
-        return (mean - self._view(self.shift, mean)) / self._view(self.std, mean)
-
-    @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
-        return self.decode_raw(z.float() * self._view(self.std, z) + self._view(self.shift, z))

@@ -340,40 +340,18 @@ class ConvVAE1dAutoencoderParams(_VAEAutoencoderParams):
     train_spec: ClassVar[str] = "specs/vae_audio.json"
 
 
-class _VAEAutoencoder(AutoencoderModule):
-    """Frozen trained VAE: ``encode`` ``(B, C, *S)`` -> normalised posterior mean ``(B, z, *S / f)``, ``decode``
-    the inverse; ``moments`` / ``decode_raw`` / ``published_stats`` in raw units (:mod:`zoo.autoencoders.base`)."""
+class FrozenVAE(AutoencoderModule):
+    """A frozen VAE ``net`` (``encode_moments`` / ``decode``) with a per-channel latent normalisation: ``encode``
+    ``(B, C, *S)`` -> normalised posterior mean ``(B, z, *S')``, ``decode`` the inverse; ``moments`` /
+    ``decode_raw`` / ``published_stats`` in raw units (:mod:`zoo.autoencoders.base`). Subclasses build ``net``
+    and call :meth:`set_stats`."""
 
-    def __init__(self, params: _VAEAutoencoderParams):
-        super().__init__()
-        ck, raw, bp, shape = run_info(params.run)
-        self.params, self.checkpoint = params, ck
-        f, d = bp.downsample, bp.dims
-        grid = tuple(s // f for s in shape[1:])
-        self.net = BACKBONES.build(bp, token_dim=shape[0] * f ** d, grid=grid, num_classes=0)
-        _, weights, is_ema = load_weights(ck, prefer_ema=params.weights == "ema")
-        if params.weights == "ema" and not is_ema:
-            raise FileNotFoundError(f"{ck}: no EMA weights (ema.safetensors); use autoencoder.weights = \"model\"")
-        if not is_ema:
-            weights = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
-        self.net.load_state_dict(weights)
-        self.eval().requires_grad_(False)
-        self.step = _step(ck)
-        mean, std = self._stats(raw)
-        self.register_buffer("shift", torch.tensor(mean), persistent=False)
-        self.register_buffer("std", torch.tensor(std), persistent=False)
+    net: nn.Module
 
-    # -- statistics
-    def _stats(self, raw: dict) -> tuple[list[float], list[float]]:
-        path = self.checkpoint / "latent_stats.json"
-        key = f"{self.params.weights}:{self.params.stats_samples}"
-        cached = json.loads(path.read_text()) if path.is_file() else {}
-        entry = cached.get(key) if cached.get("step") == self.step else None
-        if entry is None:
-            entry = dict(zip(("mean", "std"), compute_latent_stats(self.net, raw, self.params.stats_samples)))
-            cached = {"step": self.step, **(cached if cached.get("step") == self.step else {}), key: entry}
-            _atomic_write(path, cached)
-        return list(entry["mean"]), list(entry["std"])
+    def set_stats(self, mean: list[float], std: list[float]) -> None:
+        """The raw latent's per-channel ``mean`` and ``std`` ``(z,)`` (non-persistent buffers)."""
+        self.register_buffer("shift", torch.tensor(mean).float(), persistent=False)
+        self.register_buffer("std", torch.tensor(std).float(), persistent=False)
 
     def published_stats(self) -> tuple[list[float], list[float]]:
         return self.shift.tolist(), self.std.tolist()
@@ -401,6 +379,40 @@ class _VAEAutoencoder(AutoencoderModule):
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         return self.decode_raw(z.float() * self._view(self.std, z) + self._view(self.shift, z))
+
+
+class _VAEAutoencoder(FrozenVAE):
+    """Frozen trained ``conv_vae`` / ``conv_vae_1d`` run (:class:`FrozenVAE`), its statistics measured once and
+    cached beside the checkpoint."""
+
+    def __init__(self, params: _VAEAutoencoderParams):
+        super().__init__()
+        ck, raw, bp, shape = run_info(params.run)
+        self.params, self.checkpoint = params, ck
+        f, d = bp.downsample, bp.dims
+        grid = tuple(s // f for s in shape[1:])
+        self.net = BACKBONES.build(bp, token_dim=shape[0] * f ** d, grid=grid, num_classes=0)
+        _, weights, is_ema = load_weights(ck, prefer_ema=params.weights == "ema")
+        if params.weights == "ema" and not is_ema:
+            raise FileNotFoundError(f"{ck}: no EMA weights (ema.safetensors); use autoencoder.weights = \"model\"")
+        if not is_ema:
+            weights = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
+        self.net.load_state_dict(weights)
+        self.eval().requires_grad_(False)
+        self.step = _step(ck)
+        self.set_stats(*self._stats(raw))
+
+    # -- statistics
+    def _stats(self, raw: dict) -> tuple[list[float], list[float]]:
+        path = self.checkpoint / "latent_stats.json"
+        key = f"{self.params.weights}:{self.params.stats_samples}"
+        cached = json.loads(path.read_text()) if path.is_file() else {}
+        entry = cached.get(key) if cached.get("step") == self.step else None
+        if entry is None:
+            entry = dict(zip(("mean", "std"), compute_latent_stats(self.net, raw, self.params.stats_samples)))
+            cached = {"step": self.step, **(cached if cached.get("step") == self.step else {}), key: entry}
+            _atomic_write(path, cached)
+        return list(entry["mean"]), list(entry["std"])
 
 
 def _step(ck: Path) -> int:
