@@ -134,7 +134,7 @@ def test_export_refuses_other_runs(tmp_path):
     spec = tmp_path / "tiny.json"
     spec.write_text(json.dumps(tiny_spec_dict()))
     assert _run(spec, tmp_path / "run", ["train.steps=2", "train.checkpoint_every=2"]) == 0
-    with pytest.raises(ValueError, match="not a clip_vae"):
+    with pytest.raises(ValueError, match="exportable: clip_vae, sprite_vae"):
         export(tmp_path / "run", tmp_path / "out")
 
 

@@ -81,6 +81,13 @@ def _clip_export(tmp: Path) -> Path:
     return random_export(tmp / "clip_vae")
 
 
+def _sprite_export(tmp: Path) -> Path:
+    """An exported ``sprite_vae`` (random weights, tiny preset) for clips ``(1, 2, 8, 8)``."""
+    from tests.test_sprite_vae import random_export
+
+    return random_export(tmp / "sprite_vae")
+
+
 _INCEPTION: list[str] = []
 
 
@@ -108,6 +115,7 @@ REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag (or "kind:tag") -> fields
     "autoencoder:conv_vae": lambda tmp: _vae_run(tmp, "conv_vae"),  # the backbones of the same tags need nothing
     "autoencoder:conv_vae_1d": lambda tmp: _vae_run(tmp, "conv_vae_1d"),
     "autoencoder:clip_vae": lambda tmp: {"path": str(_clip_export(tmp))},
+    "autoencoder:sprite_vae": lambda tmp: {"path": str(_sprite_export(tmp))},
     **{tag: _inception for tag in ("fid", "sfid", "inception_score", "precision_recall")},
     "fd_dinov2": lambda tmp: {"weights": None, "preset": "tiny", "num_real": 8},  # random init: tests only
     "streams": lambda tmp: {"parts": {"video": {"type": "identity"}, "audio": {"type": "stft", "n_fft": 32}}},  # random init: allowed for tests only (specs must name a file)
@@ -122,6 +130,7 @@ AUTOENCODER_INPUT: dict[str, Any] = {    # tag -> input shape (default (3, 16, 1
     "spectrogram": (1, 256),
     "conv_vae_1d": (1, 256),
     "clip_vae": (1, 2, 8, 8),
+    "sprite_vae": (1, 2, 8, 8),
     "streams": {"video": (1, 4, 8, 8), "audio": (1, 256)},
 }
 MODALITY_EXAMPLE: dict[str, Callable[[], dict]] = {  # tag -> build deps (default backbone_patch=2, latent (3, 8, 12))
@@ -182,6 +191,7 @@ VAE_DATA: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {  # tag -> (data
     "conv_vae": ((3, 8, 8), (4, 4)),          # downsample 2
     "conv_vae_1d": ((1, 32), (16,)),          # downsample 2
     "clip_vae": ((1, 2, 8, 8), (1, 4, 4)),    # downsample 2 x 2 x 2
+    "sprite_vae": ((1, 2, 8, 8), (2, 1, 1)),  # one latent position per frame
 }
 
 

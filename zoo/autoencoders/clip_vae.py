@@ -131,6 +131,16 @@ class ClipVAEParams(ZooParams):
         """Data positions per latent position along (time, height, width)."""
         return tuple(math.prod(s[a] for s in self.strides) for a in range(3))
 
+    @property
+    def latent_dim(self) -> int:
+        """Channels of the latent (the flow model's C)."""
+        return self.latent_channels
+
+    def token_layout(self, sample_shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+        """``(token_dim, grid)`` of the backbone for clips ``(C, T, H, W)``: one token per latent position."""
+        return sample_shape[0] * math.prod(self.downsample), tuple(s // d for s, d in zip(sample_shape[1:],
+                                                                                          self.downsample))
+
     def problems(self, spec: Any) -> Iterator[tuple[str, str]]:
         """Trains on data space: identity autoencoder, one video stream, sizes divisible, patch = downsample."""
         if spec.autoencoder.type != "identity":
@@ -179,12 +189,13 @@ class ClipVAE(TrainableAutoencoder):
 
 
 # ------------------------------------------------------------------------------ frozen exported network
-def read_export(path: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of an exported ``clip_vae`` directory, checked for the fields the loader needs;
-    FileNotFoundError / ValueError naming the file and the field."""
+def read_export(path: str | Path, params_cls: type[ZooParams] | None = None) -> dict[str, Any]:
+    """The ``config.json`` of an exported VAE directory (``clip_vae``, or the backbone whose params class is
+    ``params_cls``), checked for the fields the loader needs; FileNotFoundError / ValueError naming the file and
+    the field."""
     f = Path(path) / CONFIG
     if not f.is_file() or not (Path(path) / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path}: not an exported clip_vae (needs {CONFIG} and {WEIGHTS}; write one with "
+        raise FileNotFoundError(f"{path}: not an exported autoencoder (needs {CONFIG} and {WEIGHTS}; write one with "
                                 f"`python -m runtime.export_autoencoder RUN {path}`)")
     try:
         cfg = json.loads(f.read_text())
@@ -193,13 +204,30 @@ def read_export(path: str | Path) -> dict[str, Any]:
     for key in ("backbone", "sample_shape", "latent_mean", "latent_std", "sha256"):
         if key not in cfg:
             raise ValueError(f"{f}: missing field {key!r}")
-    z = ClipVAEParams.model_validate(cfg["backbone"]).latent_channels
+    params_cls = params_cls or ClipVAEParams
+    try:
+        bp = params_cls.model_validate(cfg["backbone"])
+    except ValueError as e:
+        raise ValueError(f"{f}: field 'backbone' is not a {params_cls.__name__} ({str(e).splitlines()[0]})") from None
+    z = bp.latent_dim
     for key in ("latent_mean", "latent_std"):
         if len(cfg[key]) != z:
             raise ValueError(f"{f}: {key} has {len(cfg[key])} values, the network has {z} latent channels")
     if any(s <= 0 for s in cfg["latent_std"]):
         raise ValueError(f"{f}: latent_std must be positive")
     return cfg
+
+
+def load_export(net: nn.Module, path: str | Path, cfg: dict[str, Any]) -> None:
+    """Load ``model.safetensors`` of the exported directory ``path`` into ``net`` after checking its SHA-256
+    against ``cfg``; ValueError naming the file when the hash or the tensors do not match."""
+    weights = Path(path) / WEIGHTS
+    if sha256_file(weights) != cfg["sha256"]:
+        raise ValueError(f"{weights}: SHA-256 differs from {CONFIG}'s (the file changed after export)")
+    try:
+        net.load_state_dict(load_file(weights))
+    except RuntimeError as e:
+        raise ValueError(f"{weights}: does not match the architecture in {CONFIG} ({str(e).splitlines()[0]})") from None
 
 
 class ClipVAEAutoencoderParams(AutoencoderParams):
@@ -246,17 +274,10 @@ class ClipVAEAutoencoder(FrozenVAE):
     def __init__(self, params: ClipVAEAutoencoderParams):
         super().__init__()
         cfg = read_export(params.path)
-        weights = Path(params.path) / WEIGHTS
-        if sha256_file(weights) != cfg["sha256"]:
-            raise ValueError(f"{weights}: SHA-256 differs from {CONFIG}'s (the file changed after export)")
         bp = ClipVAEParams.model_validate(cfg["backbone"])
-        c = int(cfg["sample_shape"][0])
         self.params = params
-        self.net = ClipVAENet.from_params(bp, c)
-        try:
-            self.net.load_state_dict(load_file(weights))
-        except RuntimeError as e:
-            raise ValueError(f"{weights}: does not match the architecture in {CONFIG} ({str(e).splitlines()[0]})") from None
+        self.net = ClipVAENet.from_params(bp, int(cfg["sample_shape"][0]))
+        load_export(self.net, params.path, cfg)
         self.eval().requires_grad_(False)
         self.set_stats(cfg["latent_mean"], cfg["latent_std"])
 
