@@ -1,9 +1,8 @@
 """``sprite_vae``: a video autoencoder that writes a clip of one moving object as *what* (a content latent, the
 same for the whole clip) and *where* (a 2-D position per frame), and renders the clip by translating one
-decoded sprite — a layered, transformation-based decoder in the spirit of sprite/layer video models
-(e.g. Jojic & Frey 2001, "Learning flexible sprites in video layers"; Ye et al. 2019, "Compositional video
-prediction"). A flow model on this latent cannot draw different shapes in different frames: the decoder has
-only one shape per clip.
+decoded sprite — a layered, transformation-based decoder in the spirit of sprite video models
+[Sprites-paper], with differentiable translation by resampling [STN-paper]. A flow model on this latent cannot
+draw different shapes in different frames: the decoder has only one shape per clip.
 
 For a clip ``x`` ``(B, C, T, H, W)`` in [-1, 1] (square frames, ``H == W``)::
 
