@@ -175,7 +175,9 @@ def run(args: argparse.Namespace, spec, run_dir: Path) -> int:
             print(f"{run_dir}: already complete at step {done} (train.steps = {spec.train.steps}); "
                   f"raise it with --set train.steps=N to continue")
             return 0
-    info = distributed.init(spec.train.device)
+    from registry.kinds import PARALLEL
+
+    info = distributed.init(spec.train.device, group=PARALLEL.get(spec.train.parallel.type).sharded)
     per_micro = spec.train.batch_size // spec.train.grad_accum
     if per_micro % info.world_size:
         distributed.shutdown(info)
