@@ -46,7 +46,7 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset({
 pickle names; each builds a value from plain data and runs nothing else."""
 
 
-class UnsafeCheckpoint(pickle.UnpicklingError):
+class UnsafeCheckpoint(ValueError):
     """A checkpoint file asks the unpickler for something outside :data:`ALLOWED_GLOBALS`."""
 
 
@@ -133,6 +133,7 @@ def load_shards(path: Path, model: nn.Module, ema: nn.Module | None, opt: torch.
     now (any world size); ``param_groups`` (from ``optimizer.json``, hyper-parameters already updated) replace
     the optimizer's. ValueError for a file that is not what it should be (its name in the message)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state, _ = _state(model, ema, opt)
@@ -140,10 +141,15 @@ def load_shards(path: Path, model: nn.Module, ema: nn.Module | None, opt: torch.
         dcp.load(state, storage_reader=SafeReader(path))
     except UnsafeCheckpoint:
         raise
-    except Exception as e:  # noqa: BLE001 (DCP wraps every rank's fault in CheckpointException)
-        lines = [s for s in str(e).splitlines() if s.strip()]
-        raise ValueError(f"{path}: the sharded state does not load ({(lines[-1] if lines else type(e).__name__)[:200]})"
-                         ) from None
+    except CheckpointException as e:  # every rank's fault, by rank (a BaseException: caught by name)
+        first = next(iter(e.failures.values()), e)
+        first = getattr(first, "exc", first)  # a wrapped remote traceback
+        text = str(first).strip().splitlines()
+        why = f"{type(first).__name__}: {text[0][:200]}" if text else type(first).__name__
+        raise ValueError(f"{path}: a shard file does not load with torch.load(weights_only=True) or does not fit "
+                         f"({why}); nothing in it was unpickled") from None
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: the sharded state does not fit this model ({str(e).splitlines()[0][:200]})") from None
     set_model_state_dict(model, state["model"])
     if ema is not None:
         set_model_state_dict(ema, state["ema"])
