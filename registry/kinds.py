@@ -17,9 +17,10 @@ LR_SCHEDULES: Registry = Registry("lr_schedule", "LRScheduleSpec")
 MASKS: Registry = Registry("mask", "MaskSpec")
 TEACHERS: Registry = Registry("teacher", "TeacherSpec")
 POSITIONS: Registry = Registry("position", "PositionSpec")
+PARALLEL: Registry = Registry("parallel", "ParallelSpec")
 
 ALL: dict[str, Registry] = {
     r.kind: r
     for r in (BACKBONES, OBJECTIVES, TIMESTEPS, AUTOENCODERS, MODALITIES, DATASETS, SOLVERS, ATTENTION, METRICS,
-              LR_SCHEDULES, MASKS, TEACHERS, POSITIONS)
+              LR_SCHEDULES, MASKS, TEACHERS, POSITIONS, PARALLEL)
 }

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import Field
 
-from registry.kinds import ALL, AUTOENCODERS, LR_SCHEDULES, SOLVERS
+from registry.kinds import ALL, AUTOENCODERS, LR_SCHEDULES, PARALLEL, SOLVERS
 from registry.params import Settings
 
 
@@ -48,6 +48,12 @@ class TrainSettings(Settings):
     keep_checkpoints: int = Field(3, gt=0, description="Keep the newest this many checkpoints.")
     max_consecutive_skips: int = Field(
         20, gt=0, description="Stop the run after this many consecutive steps skipped for a non-finite loss or gradient.")
+    parallel: "ParallelSpec" = Field(default_factory=lambda: PARALLEL.get("ddp").Params(type="ddp"),
+                                     description="How the model is spread over torchrun's processes: ddp (replicated), "
+                                                 "fsdp2 (sharded) or hsdp (sharded within a node, replicated across).")
+    activation_checkpointing: bool | Annotated[int, Field(ge=1)] = Field(
+        False, description="Recompute transformer blocks' activations in backward instead of keeping them: true = every "
+                           "block, N = every N-th block (1st, N+1-th, ...); any train.parallel.")
     compile: bool = Field(False, description="torch.compile the whole training loss (student, teacher pass, heads; the random draws stay eager) as one graph; slow first step; off on CPU by default.")
 
 

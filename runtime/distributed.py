@@ -34,15 +34,21 @@ def pick_device(want: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init(device_pref: str = "auto") -> DistInfo:
-    """Join the process group that torchrun describes in the environment, if any."""
+def init(device_pref: str = "auto", group: bool = False) -> DistInfo:
+    """Join the process group that torchrun describes in the environment, if any. ``group``: a single process
+    (no torchrun) gets a process group of its own too (an in-memory store), for a sharded ``train.parallel``
+    whose one-rank device mesh needs one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_pref, local)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or group) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world > 1:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(rank, world, local, device)
 
 
@@ -76,6 +82,15 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def all_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise maximum of ``t`` over all ranks (``t`` itself with one process); no host sync."""
+    if info.enabled:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """Leave the process group :func:`init` joined (also a single process's own)."""
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from registry.kinds import LR_SCHEDULES
+from zoo.parallel import local_tensor
 
 
 def build_optimizer(params: list[nn.Parameter], train, device: torch.device) -> torch.optim.Optimizer:
@@ -50,8 +51,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.decay_at(self.updates)
-        ema_p = [p for p in self.module.parameters()]
-        src_p = [p.detach() for p in model.parameters()]
+        # sharded modules (train.parallel fsdp2/hsdp): each rank updates its own shards, nothing is gathered
+        ema_p = [local_tensor(p) for p in self.module.parameters()]
+        src_p = [local_tensor(p.detach()) for p in model.parameters()]
         torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
         for eb, b in zip(self.module.buffers(), model.buffers()):
             eb.copy_(b)

@@ -30,7 +30,7 @@ from storage.checkpoint import CheckpointError, _legacy, _read_json, _step_dirs,
 
 RESUMABLE = ("name", "train.steps", "train.lr", "train.warmup_steps", "train.lr_schedule", "train.grad_clip",
              "train.betas", "train.weight_decay", "train.eps", "train.precision", "train.device", "train.compile",
-             "train.ema.decay", "train.ema.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints",
+             "train.ema.decay", "train.ema.warmup_steps", "train.parallel", "train.activation_checkpointing", "train.checkpoint_every", "train.keep_checkpoints",
              "train.max_consecutive_skips", "data.num_workers", "solver", "sample", "eval", "log")
 """Spec paths (and everything under them) a resumed run may change."""
 BATCH = ("train.batch_size", "train.grad_accum")
@@ -58,6 +58,7 @@ class Template:
     model: dict[str, tuple[int, ...]]
     ema: dict[str, tuple[int, ...]] | None
     params: list[tuple[int, ...]]
+    names: list[str] = field(default_factory=list)  # of the trainable parameters, in the same order
 
     @classmethod
     def of(cls, spec: Any) -> "Template":
@@ -67,8 +68,9 @@ class Template:
 
         g = compile_spec(spec, torch.device("meta"))
         shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}  # noqa: E731
+        trained = [(n, p) for n, p in g.train_module.named_parameters() if p.requires_grad]
         return cls(shapes(g.train_module.state_dict()), shapes(g.ema.state_dict()) if g.ema is not None else None,
-                   [tuple(p.shape) for p in g.train_module.parameters() if p.requires_grad])
+                   [tuple(p.shape) for _, p in trained], [n for n, _ in trained])
 
 
 # ------------------------------------------------------------------------------------------ spec
@@ -181,6 +183,8 @@ def fit_problem(ck: Path, want: Template) -> str | None:
         bad = _mismatch(_header_shapes(ck / "ema.safetensors"), want.ema)
         if bad:
             return f"{ck / 'ema.safetensors'}: {bad}"
+    if _read_json(ck / "manifest.json").get("format") == 3:
+        return _shard_problem(ck, want)
     f = ck / "optimizer.json"
     try:
         shapes = {k: _Shape(list(v)) for k, v in _header_shapes(ck / "optimizer.safetensors").items()}
@@ -196,6 +200,28 @@ def fit_problem(ck: Path, want: Template) -> str | None:
                             f"{list(want.params[i])}")
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         return f"{f}: not an optimizer state of this model ({type(e).__name__}: {str(e)[:80]})"
+    return None
+
+
+def _shard_problem(ck: Path, want: Template) -> str | None:
+    """``<file>: <fault>`` if the DCP shards of a format-3 checkpoint do not hold this model's weights, EMA and
+    AdamW moments with these shapes (read from ``.metadata`` without unpickling, :mod:`storage.sharded`)."""
+    from storage.sharded import shard_shapes
+
+    f = ck / ".metadata"
+    try:
+        have = shard_shapes(ck)
+    except ValueError as e:
+        return str(e)
+    parts = {"model": want.model, "ema": want.ema or {}}
+    parts["optim"] = {f"{n}.{m}": s for n, s in zip(want.names, want.params) for m in ("exp_avg", "exp_avg_sq")}
+    for part, shapes in parts.items():
+        saved = {k[len(part) + 1:]: v for k, v in have.items() if k.startswith(part + ".")}
+        if part == "optim":
+            saved = {k: v for k, v in saved.items() if not k.endswith(".step")}
+        bad = _mismatch(saved, shapes)
+        if bad:
+            return f"{f}: {part} {bad}"
     return None
 
 

@@ -31,9 +31,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def rank_tag() -> str:
+    """``"[rank 3] "`` under a multi-process torchrun (so each rank's failure names its rank in the log), else ``""``."""
+    return f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def fail(lines: list[str]) -> int:
     for line in lines:
-        sys.stderr.write(f"error: {line}\n")
+        sys.stderr.write(f"error: {rank_tag()}{line}\n")
     return EXIT_SPEC
 
 
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run(args, spec, run_dir)
         except WRITE_ERRORS as e:  # disk full, EFBIG, a directory made read-only mid-run: one line, the path
-            sys.stderr.write(f"error: IO fault: {write_fault(e, run_dir)}\n")
+            sys.stderr.write(f"error: {rank_tag()}IO fault: {write_fault(e, run_dir)}\n")
             return 1
 
 
@@ -175,7 +180,9 @@ def run(args: argparse.Namespace, spec, run_dir: Path) -> int:
             print(f"{run_dir}: already complete at step {done} (train.steps = {spec.train.steps}); "
                   f"raise it with --set train.steps=N to continue")
             return 0
-    info = distributed.init(spec.train.device)
+    from registry.kinds import PARALLEL
+
+    info = distributed.init(spec.train.device, group=PARALLEL.get(spec.train.parallel.type).sharded)
     per_micro = spec.train.batch_size // spec.train.grad_accum
     if per_micro % info.world_size:
         distributed.shutdown(info)
@@ -202,7 +209,7 @@ def run(args: argparse.Namespace, spec, run_dir: Path) -> int:
     except CheckpointError as e:  # the resumed checkpoint does not load into this run
         return fail([f"--resume: {e}"])
     except TrainingStopped as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {rank_tag()}{e}\n")
         return 1
     finally:
         distributed.shutdown(info)

@@ -11,7 +11,6 @@ run and a run on N processes see the same noise for the same sample and step.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -21,22 +20,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from registry.kinds import DATASETS, METRICS
+from registry.kinds import DATASETS, METRICS, PARALLEL
 from registry.spec import resolved_dict
-from storage.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from storage.checkpoint import (CheckpointError, checkpoint_format, load_checkpoint, rng_state, save_checkpoint,
+                                set_rng_state)
 from runtime.compiler import RunComponents
 from runtime.data import build_loader, collate_pairs, restore_loader
 from runtime.media_out import Written, real_indices, write_clip_readings, write_samples
 from runtime.iofault import WRITE_ERRORS, write_fault
-from runtime.distributed import DistInfo, all_min, all_reduce_mean, barrier
+from runtime.distributed import DistInfo, all_max, all_min, all_reduce_mean, barrier
 from runtime.latents import latent_health
 from runtime.optim import LearningRate, build_optimizer
+from runtime.parallel import restore_sharded, save_sharded, unsharded
 from runtime.sample import default_labels, generate
 from runtime.tracking import Tracker
-from zoo.core.protocols import skipped_samples
+from zoo.core.protocols import shard_units, skipped_samples
+from zoo.parallel import checkpoint_blocks, local_tensor
 from zoo.core.types import StepContext, StepRNG, TokenBatch
 
 
@@ -58,10 +59,14 @@ class Stepper:
     def __init__(self, graph: RunComponents, info: DistInfo):
         self.graph, self.info, tr = graph, info, graph.spec.train
         tm = graph.train_module
+        self.parallel = PARALLEL.build(tr.parallel)  # ddp, fsdp2, hsdp (zoo.parallel)
+        if tr.activation_checkpointing:
+            checkpoint_blocks(shard_units(tm.backbone), int(tr.activation_checkpointing))
         self.compiled = tm.compile_step() if tr.compile else None  # "loss" (the whole step's graph) or "backbone"
-        self.model = DDP(tm, device_ids=[info.device.index] if info.device.type == "cuda" else None) if info.enabled else tm
-        self.params = [p for p in tm.parameters() if p.requires_grad]
-        self.opt = build_optimizer(self.params, tr, info.device)
+        self.model = self.parallel.wrap(tm, graph.ema.module if graph.ema is not None else None, info.device,
+                                        info.world_size)
+        self.params = [p for p in tm.parameters() if p.requires_grad]  # after wrap: sharded ones are DTensors
+        self.opt = build_optimizer(self.params, tr, self.parallel.optimizer_device(info.device))
         self.lr = LearningRate(tr)
         self.accum, self.seed = tr.grad_accum, tr.seed
         self.micro = tr.batch_size // tr.grad_accum          # all ranks together
@@ -72,10 +77,12 @@ class Stepper:
 
     @torch.no_grad()
     def _max_weight(self) -> torch.Tensor:
-        """max |w| over the trainable weights, a 0-d float32 tensor on the device (NaN if any is NaN); no sync."""
-        if not self.params:
+        """max |w| over this rank's trainable weights (its shards when sharded), a 0-d float32 tensor on the
+        device (NaN if any is NaN); no sync."""
+        local = [t for t in (local_tensor(p) for p in self.params) if t.numel()]
+        if not local:
             return torch.zeros((), device=self.graph.device)
-        return torch.stack([n.float() for n in torch._foreach_norm(self.params, math.inf)]).max()
+        return torch.stack([n.float() for n in torch._foreach_norm(local, math.inf)]).max().to(self.graph.device)
 
     def _raise_bad(self, w_max: float) -> None:
         what = "non-finite" if not math.isfinite(w_max) else f"as large as {w_max:.3g} (limit {float(self.limit):.3g})"
@@ -98,23 +105,22 @@ class Stepper:
         ``TokenBatch``es (benchmarks on synthetic latents). Returns (applied, metrics); raises
         :class:`BadUpdate` (before touching anything) if the previous update left bad weights."""
         g, info = self.graph, self.info
-        if self.limit is None:
-            self.limit = WEIGHT_LIMIT * self._max_weight().clamp(min=1.0)
+        if self.limit is None:  # the largest weight over all ranks' shards
+            self.limit = WEIGHT_LIMIT * all_max(self._max_weight(), info).clamp(min=1.0)
         lr = self.lr.apply(self.opt, step)
         sums: dict[str, torch.Tensor] = {}
         for m, batch in enumerate(batches):
             tokens = batch if isinstance(batch, TokenBatch) else g.to_tokens(*batch)
             rng = StepRNG(self.seed, step, m, info.rank * self.local, self.local, self.micro, g.device)
             ctx = StepContext(step, rng, ema=g.ema.module if g.ema is not None else None)
-            # no gradient all-reduce until the last micro-batch
-            sync = self.model.no_sync() if (info.enabled and m < self.accum - 1) else contextlib.nullcontext()
-            with sync:
+            # no gradient reduction over ranks until the last micro-batch
+            with self.parallel.accumulate(self.model, sync=m == self.accum - 1):
                 with g.autocast():
                     out = self.model(tokens, ctx)
                 (out.loss / self.accum).backward()
             for k, v in {"loss": out.loss, **out.metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / self.accum
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        norm = self.parallel.clip_grad_norm(self.params, self.clip)  # the global norm over all ranks' shards
         # one host sync per step: every rank must agree before anything is touched
         flags = all_min(torch.stack([torch.isfinite(norm), torch.isfinite(sums["loss"]), self._weights_ok()]).float(),
                         info).tolist()
@@ -125,6 +131,7 @@ class Stepper:
         if ok:
             self.opt.step()
             if g.ema is not None:
+                self.parallel.settle(g.train_module, g.ema.module)  # every parameter its local shard again
                 g.ema.update(g.backbone)
             self.w_max = self._max_weight()
         self.opt.zero_grad(set_to_none=True)
@@ -154,14 +161,26 @@ def train(graph: RunComponents, run_dir: Path, info: DistInfo, resume: Path | No
         states = [None] * info.world_size if info.enabled else [loader_state]
         if info.enabled:
             dist.all_gather_object(states, loader_state)
-        if info.is_main:
+        state = {"step": step, "skipped_steps": skipped, "loader": states, "rng": rng_state(),
+                 "ema_updates": graph.ema.updates if graph.ema is not None else 0}
+        if stepper.parallel.sharded:  # every rank writes its shards (format 3, runtime.parallel)
+            save_sharded(run_dir / "checkpoints", step, graph, stepper.opt, info, state=state, spec=resolved_dict(spec),
+                         meta=run_meta(graph, info), keep=tr.keep_checkpoints)
+        elif info.is_main:
             save_checkpoint(
                 run_dir / "checkpoints", step, model=graph.train_module.state_dict(),
                 ema=graph.ema.state_dict() if graph.ema is not None else None, optimizer=stepper.opt.state_dict(),
-                state={"step": step, "skipped_steps": skipped, "loader": states, "rng": rng_state(),
-                       "ema_updates": graph.ema.updates if graph.ema is not None else 0},
-                spec=resolved_dict(spec), meta=run_meta(graph, info), keep=tr.keep_checkpoints)
+                state=state, spec=resolved_dict(spec), meta=run_meta(graph, info), keep=tr.keep_checkpoints)
         barrier(info)
+
+    def for_eval() -> RunComponents | None:
+        """What rank 0 samples and evaluates: the graph itself, or (sharded) full copies gathered once now."""
+        if not stepper.parallel.sharded:
+            return graph if info.is_main else None
+        plain = unsharded(graph, info)
+        if evaluator is not None:
+            evaluator.graph = plain
+        return plain
 
     data, skipped_before = iter(loader), skipped
     window: dict[str, torch.Tensor] = {}
@@ -203,10 +222,10 @@ def train(graph: RunComponents, run_dir: Path, info: DistInfo, resume: Path | No
             tracker.scalars(done, vals)
             bar.set_postfix(loss=f"{vals.get('loss', float('nan')):.4f}", refresh=False)
             window, n_window, t_window, last_logged = {}, 0, time.perf_counter(), done
-        if evaluator is not None and spec.sample.every and done % spec.sample.every == 0:
+        if spec.sample.every and done % spec.sample.every == 0 and for_eval() is not None:
             evaluator.preview(done)
         if spec.eval.every and done % spec.eval.every == 0 and spec.eval.metrics:
-            if evaluator is not None:
+            if for_eval() is not None:
                 evaluator.evaluate(done)
             barrier(info)
         if done % tr.checkpoint_every == 0 or done == tr.steps:
@@ -229,7 +248,7 @@ def train(graph: RunComponents, run_dir: Path, info: DistInfo, resume: Path | No
         raise TrainingStopped(f"all {tr.steps - start} steps of this run had a non-finite loss or gradient and were "
                               f"skipped: nothing was learned (check train.lr and the data)")
     result: dict[str, Any] = {"steps": tr.steps, "skipped_steps": skipped}
-    if evaluator is not None:
+    if for_eval() is not None:
         print(preview_note(graph), flush=True)
         result["samples"] = evaluator.preview(tr.steps, final=True)
         if spec.eval.at_end and spec.eval.metrics:
@@ -252,14 +271,24 @@ def restore(graph: RunComponents, stepper: Stepper, loader: Any, resume: Path, i
     The spec's AdamW hyper-parameters replace the saved ones (a resume may change them).
     :class:`storage.checkpoint.CheckpointError` if anything in it does not fit."""
     tr = graph.spec.train
-    ck = load_checkpoint(resume, map_location=graph.device)
+    sharded = checkpoint_format(resume) == 3
+    if stepper.parallel.sharded and not sharded:
+        raise CheckpointError(resume, f"written by an unsharded run (train.parallel ddp); train.parallel "
+                                      f"{tr.parallel.type!r} resumes only sharded checkpoints (resume with ddp)")
+    ck = load_checkpoint(resume, map_location=graph.device, weights=not sharded)
+    hyper = {"betas": tuple(tr.betas), "eps": tr.eps, "weight_decay": tr.weight_decay}
     try:
-        graph.train_module.load_state_dict(ck.model)
-        if graph.ema is not None:
-            graph.ema.load_state_dict(ck.ema, int(ck.state["ema_updates"]))
-        stepper.opt.load_state_dict(ck.optimizer)
-        for group in stepper.opt.param_groups:
-            group.update(betas=tuple(tr.betas), eps=tr.eps, weight_decay=tr.weight_decay)
+        if sharded:  # DCP reshards to this run's world size and train.parallel (runtime.parallel)
+            restore_sharded(resume, graph, stepper.opt, ck.optimizer["param_groups"], hyper)
+            if graph.ema is not None:
+                graph.ema.updates = int(ck.state["ema_updates"])
+        else:
+            graph.train_module.load_state_dict(ck.model)
+            if graph.ema is not None:
+                graph.ema.load_state_dict(ck.ema, int(ck.state["ema_updates"]))
+            stepper.opt.load_state_dict(ck.optimizer)
+            for group in stepper.opt.param_groups:
+                group.update(**hyper)
         states = ck.state["loader"]
         restore_loader(loader, states[info.rank] if len(states) == info.world_size else states[0])
         set_rng_state(ck.state["rng"])

@@ -24,6 +24,12 @@ consistent with their data; JSON files parse; every tensor a JSON file refers to
 ``keep``-th newest checkpoint that verifies on and deletes only older ones, so a damaged checkpoint never
 causes a deletion and the newest verified one always stays.
 
+Format 3 (``train.parallel`` fsdp2/hsdp) is format 2 plus ``.metadata`` and one ``__<rank>_0.distcp`` per rank:
+the sharded weights, EMA and AdamW state written by ``torch.distributed.checkpoint`` into the same temporary
+directory before the files above (:mod:`storage.sharded`, which also says how ``.metadata`` is read without
+unpickling); ``optimizer.json`` then holds only the param groups. ``model``/``ema.safetensors`` are the gathered,
+consolidated weights, so everything that reads weights works on one process as for format 2.
+
 Format 1 (older runs) held ``optimizer.pt``/``state.pt`` pickles and sizes only in the manifest. Its weights
 and spec are still read (sampling, evaluation); its pickles are only ever read with
 ``torch.load(weights_only=True)``, which executes nothing and refuses the numpy RNG arrays in a format-1
@@ -47,8 +53,8 @@ from safetensors.torch import load_file, save_file
 from storage import safe_state
 from storage.safe_state import rng_state, set_rng_state  # noqa: F401  (re-exported)
 
-__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_weights", "list_checkpoints",
-           "latest_checkpoint", "scan_checkpoints", "verify_checkpoint", "find_checkpoint", "rng_state",
+__all__ = ["Checkpoint", "CheckpointError", "save_checkpoint", "staging_dir", "load_checkpoint", "load_weights", "list_checkpoints",
+           "latest_checkpoint", "scan_checkpoints", "checkpoint_format", "verify_checkpoint", "find_checkpoint", "rng_state",
            "set_rng_state"]
 
 FORMAT_VERSION = 2
@@ -58,6 +64,7 @@ _REQUIRED = {
     2: ("model.safetensors", "optimizer.json", "optimizer.safetensors", "state.json", "state.safetensors",
         "spec.resolved.json", "meta.json"),
 }
+_REQUIRED[3] = (*_REQUIRED[2], ".metadata")  # format 2 + the DCP shards of a sharded run (storage.sharded)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
@@ -177,8 +184,20 @@ def _remove_stale_tmp(root: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------- save
+def staging_dir(root: Path, step: int) -> Path:
+    """A fresh, empty ``root/.tmp-step_{step:08d}-{pid}/`` (what :func:`save_checkpoint` writes into; the
+    ranks of a sharded save write their shards there first and pass it as ``staged``)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{_TMP_PREFIX}{step_dir_name(int(step))}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
 def save_checkpoint(root: Path, step: int, *, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
-                    optimizer: dict, state: dict, spec: dict, meta: dict, keep: int) -> Path:
+                    optimizer: dict, state: dict, spec: dict, meta: dict, keep: int, staged: Path | None = None) -> Path:
     """Write ``root/step_{step:08d}/`` atomically and return its path.
 
     ``model``/``ema``: flat state dicts of tensors (tied or non-contiguous entries are fine: each is copied).
@@ -186,16 +205,14 @@ def save_checkpoint(root: Path, step: int, *, model: dict[str, torch.Tensor], em
     ``spec``: plain JSON (strict). ``meta``: JSON, non-JSON values stringified. Re-saving a step replaces it.
     The new directory is verified before it is renamed into place (CheckpointError otherwise). Then
     rotation runs (``keep <= 0`` keeps all; see the module docstring; the new one is never deleted) and
-    stale ``.tmp-*`` directories of crashed writers are removed.
+    stale ``.tmp-*`` directories of crashed writers are removed. ``staged``: the :func:`staging_dir` of this
+    step, already holding a sharded run's DCP files (:mod:`storage.sharded`); the checkpoint is then format 3.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     step = int(step)
     final = root / step_dir_name(step)
-    tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = Path(staged) if staged is not None else staging_dir(root, step)
+    fmt = 3 if staged is not None else FORMAT_VERSION
     try:
         st_meta = {"step": str(step)}
         save_file(_plain_tensors(model, "model"), tmp / "model.safetensors", metadata=st_meta)
@@ -209,7 +226,7 @@ def save_checkpoint(root: Path, step: int, *, model: dict[str, torch.Tensor], em
         _write_json(tmp / "meta.json", meta, strict=False)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": safe_state.sha256_file(p)}
                  for p in sorted(tmp.iterdir())}
-        _write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "step": step, "files": files}, strict=True)
+        _write_json(tmp / MANIFEST, {"format": fmt, "step": step, "files": files}, strict=True)
         verify_checkpoint(tmp, step=step)
         _fsync_dir(tmp)
 
@@ -284,7 +301,7 @@ def _read_json(path: Path) -> Any:
 def _read_manifest(path: Path) -> dict[str, Any]:
     man = _read_json(path / MANIFEST)
     if not isinstance(man, dict) or not isinstance(man.get("files"), dict) or man.get("format") not in _REQUIRED:
-        raise CheckpointError(path / MANIFEST, "not a checkpoint manifest (format 1 or 2 with a files table)")
+        raise CheckpointError(path / MANIFEST, "not a checkpoint manifest (format 1, 2 or 3 with a files table)")
     step = man.get("step")
     if type(step) is not int or step < 0:
         raise CheckpointError(path / MANIFEST, f"step {step!r} is not a step number")
@@ -333,6 +350,17 @@ def verify_checkpoint(path: Path, *, step: int | None = None) -> dict[str, Any]:
     for name in files:
         if name.endswith(".json") and not isinstance(_read_json(path / name), (dict, list)):
             raise CheckpointError(path / name, "not a JSON object")
+    if fmt == 3:  # the DCP metadata, read without unpickling (storage.sharded), names only listed shard files
+        from storage.sharded import read_metadata
+
+        try:
+            md = read_metadata(path / ".metadata")
+        except ValueError as e:
+            raise CheckpointError(path / ".metadata", str(e).removeprefix(f"{path / '.metadata'}: ")) from None
+        for info in (md.storage_data or {}).values():
+            name = getattr(info, "relative_path", None)
+            if name not in files:
+                raise CheckpointError(path / ".metadata", f"refers to {name!r}, which the manifest does not list")
     if fmt >= 2:
         for part in ("optimizer", "state"):
             have = headers[f"{part}.safetensors"]
@@ -341,6 +369,11 @@ def verify_checkpoint(path: Path, *, step: int | None = None) -> dict[str, Any]:
                     raise CheckpointError(path / f"{part}.safetensors",
                                           f"has no tensor {key!r} ({part}.json refers to it)")
     return man
+
+
+def checkpoint_format(path: Path) -> int:
+    """The format (1, 2 or 3) its manifest records; :class:`CheckpointError` for a missing or bad manifest."""
+    return int(_read_manifest(Path(path))["format"])
 
 
 def _fault(path: Path) -> str | None:
@@ -430,10 +463,11 @@ def _legacy(f: Path, map_location: Any) -> Any:
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu", *, verify: bool = True,
-                    training_state: bool = True) -> Checkpoint:
+                    training_state: bool = True, weights: bool = True) -> Checkpoint:
     """Load a checkpoint directory (verified first unless ``verify=False``). ``map_location``: the device of
     the tensors (format 1: passed to ``torch.load``). ``training_state=False`` reads only the weights, spec
-    and meta (sampling, evaluation); ``optimizer``/``state`` are then ``{}``."""
+    and meta (sampling, evaluation); ``optimizer``/``state`` are then ``{}``. ``weights=False`` skips the
+    weights (``model`` ``{}``, ``ema`` None): a sharded resume reads them from the shards."""
     path = Path(path)
     man = verify_checkpoint(path) if verify else _read_manifest(path)
     dev = _safetensors_device(map_location)
@@ -450,8 +484,9 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", *, verify: bool = Tru
                 raise
             raise CheckpointError(path, f"optimizer/state JSON does not match its tensors ({e})") from None
     ema_file = path / "ema.safetensors"
-    return Checkpoint(step=int(man["step"]), model=_tensors(path / "model.safetensors", dev),
-                      ema=_tensors(ema_file, dev) if ema_file.is_file() else None, optimizer=optimizer, state=state,
+    return Checkpoint(step=int(man["step"]), model=_tensors(path / "model.safetensors", dev) if weights else {},
+                      ema=_tensors(ema_file, dev) if ema_file.is_file() and weights else None, optimizer=optimizer,
+                      state=state,
                       spec=_read_json(path / "spec.resolved.json"), meta=_read_json(path / "meta.json"), path=path,
                       format=man["format"])
 

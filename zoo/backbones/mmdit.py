@@ -374,6 +374,10 @@ class Mmdit(nn.Module):
             outs.append(F.pad(o, (0, self.token_dim - s.token_dim)))
         return BackboneOut(_cat(outs), features)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The double-stream then the single-stream blocks, in order (:func:`zoo.core.protocols.shard_units`)."""
+        return [*self.double_blocks, *self.single_blocks]
+
     # ------------------------------------------------------------------------------------------- cost
     def flops(self, num_tokens: int) -> float:
         """Analytic forward FLOPs (2 x MACs) for one sample of ``num_tokens`` tokens sharing one t, the

@@ -237,6 +237,10 @@ class SiT(nn.Module):
             return BackboneOut(None, features)
         return BackboneOut(self.final_layer(h, c, index), features)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The transformer blocks, in order (:func:`zoo.core.protocols.shard_units`)."""
+        return list(self.blocks)
+
     # ------------------------------------------------------------------------------------------- cost
     def flops(self, num_tokens: int) -> float:
         """Analytic forward FLOPs (2 x MACs) for one sample of ``num_tokens`` tokens sharing one t.

@@ -26,6 +26,11 @@ class Backbone(Protocol):
     (:class:`zoo.core.time.GroupedTimes`: ``(B, G)`` times and each token's group, static shapes);
     ``taps`` are 1-based block indices whose outputs go into ``features``; with ``stop_after=k`` the
     blocks after ``k`` (and the output head) are skipped and ``pred`` is None.
+
+    One optional method, declared here with its default and called only through :func:`shard_units`:
+    ``shard_units() -> list[nn.Module]`` -- the transformer blocks in order, each called as a module inside
+    ``forward`` (``train.parallel`` fsdp2/hsdp shards each one, ``train.activation_checkpointing`` recomputes
+    them); absent: none (only the whole backbone is sharded, as one unit).
     """
 
     depth: int
@@ -147,6 +152,12 @@ class Dataset(Protocol):
 
     def __len__(self) -> int: ...
     def __getitem__(self, index: int) -> Any: ...
+
+
+def shard_units(backbone: Any) -> list[torch.nn.Module]:
+    """``backbone.shard_units()`` (:class:`Backbone`): its transformer blocks in order; [] when it declares none."""
+    units = getattr(backbone, "shard_units", None)
+    return list(units()) if callable(units) else []
 
 
 def epoch_indexed(dataset: Any) -> bool:
