@@ -10,7 +10,9 @@ table to paste into docs/benchmarks.md):
    with random weights on random images), eager and compiled (``train.compile``), at the largest batch up to
    256 that fits: step time, samples/s, TFLOP/s, MFU against :data:`PEAK_TFLOPS` and peak memory; on CUDA one
    more forward + backward under ``torch.cuda.set_sync_debug_mode("error")`` says whether it synchronised;
-4. sampling throughput of the vanilla model: SDE 250 steps (batch 64) and Euler 50 steps.
+4. sampling throughput of the vanilla model: SDE 250 steps (batch 64) and Euler 50 steps;
+5. ``train.parallel`` at one process: the vanilla eager step (batch 64) under ``ddp`` and ``fsdp2`` (a one-rank
+   mesh), and their ratio.
 
 ``--smoke`` runs the same code at tiny sizes on CPU (SiT ``tiny`` on 64 px images, a tiny ViT, batch 2, fp32, a
 few steps; compiled rows use the ``aot_eager`` backend, which traces forward and backward into one graph without
@@ -241,6 +243,38 @@ def _sync_check(run: dict[str, Any]) -> str:
         run["stepper"].opt.zero_grad(set_to_none=True)
 
 
+def parallel(report: Report, smoke: bool) -> None:
+    """Vanilla eager step time of one process under ``train.parallel`` ddp (no wrapper at one rank) and fsdp2
+    (a one-rank mesh: what sharding costs before any rank shares the work)."""
+    from registry.spec import load_spec
+    from runtime import distributed
+    from runtime.bench_setup import prepare
+
+    import torch.distributed as dist
+
+    device = torch.device("cpu") if smoke else torch.device("cuda")
+    own_group = not dist.is_initialized()
+    distributed.init("cpu" if smoke else "cuda", group=True)
+    batch, (steps, warmup) = (2, (2, 1)) if smoke else (64, (10, 3))
+    times = {}
+    for kind in ("ddp", "fsdp2"):
+        spec = load_spec(SPECS / OBJECTIVE_SPECS["vanilla"], _spec_sets("vanilla", smoke, batch)
+                         + [f'train.parallel={{"type": "{kind}"}}'])
+        run = prepare(OBJECTIVE_SPECS["vanilla"], spec, synthetic=True)
+        step = iter(range(1, 10**6))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        times[kind] = _timed(lambda: run["stepper"].step(next(step), run["batches"]), device, reps=steps,
+                             warmup=warmup)
+        report.add("parallel (1 process)", parallel=kind, batch=batch, step_ms=times[kind] * 1e3,
+                   samples_per_s=batch / times[kind], peak_MiB=_peak_mib(device))
+        del run
+    report.add("ratios", pair="fsdp2 / ddp (1 process, vanilla eager)", step_time_ratio=times["fsdp2"] / times["ddp"])
+    if own_group:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------- 4. sampling
 def sampling(report: Report, run: dict[str, Any], smoke: bool) -> None:
     from registry.kinds import SOLVERS
@@ -286,6 +320,7 @@ def run_suite(out: Path, smoke: bool) -> int:
     attention(report, device, smoke)
     runs = training(report, smoke)
     sampling(report, runs["vanilla"], smoke)
+    parallel(report, smoke)
     report.add("total", seconds=time.perf_counter() - t0)
     print(f"wrote {out / 'suite.json'} and {out / 'suite.md'}")
     return 0 if all(math.isfinite(r.get("step_ms", 0.0)) for r in report.rows) else 1

@@ -18,7 +18,12 @@ def test_gpu_suite_smoke_writes_every_section(tmp_path, capsys):
     report = json.loads((tmp_path / "suite.json").read_text())
     rows = report["rows"]
     sections = list(dict.fromkeys(r["section"] for r in rows))
-    assert sections == ["gpu tests", "attention", "training step", "ratios", "sampling", "total"]
+    assert sections == ["gpu tests", "attention", "training step", "ratios", "sampling", "parallel (1 process)",
+                        "total"]
+    par = {r["parallel"]: r for r in rows if r["section"] == "parallel (1 process)"}
+    assert set(par) == {"ddp", "fsdp2"} and all(r["step_ms"] > 0 for r in par.values())
+    import torch.distributed as dist
+    assert not dist.is_initialized()  # the suite's own one-rank group is gone again
     steps = [r for r in rows if r["section"] == "training step"]
     assert {(r["objective"], r["mode"]) for r in steps} == {(o, m) for o in ("vanilla", "selfflow", "repa")
                                                             for m in ("eager", "compiled")}
