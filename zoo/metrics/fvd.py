@@ -13,6 +13,9 @@ Protocol (StyleGAN-V ``compute_fvd``; cd-fvd ``preprocess_i3d`` + ``get_i3d_logi
 frames, quantised to uint8 like saved videos, each frame resized to 224 x 224 (bilinear, ``align_corners=False``,
 no antialiasing), scaled to [-1, 1] (``2 x / 255 - 1``), grey repeated to RGB; the features are the 400 logits;
 FVD = Fréchet distance of Gaussian fits of the generated and real features (:mod:`zoo.metrics.frechet`).
+StyleGAN-V's ``fvd2048_16f`` hands uint8 clips to its TorchScript detector with ``rescale=True, resize=True,
+return_features=True`` (the same 400 logits); that resize happens inside the archive, so the explicit
+preprocessing here is cd-fvd's.
 """
 from __future__ import annotations
 
