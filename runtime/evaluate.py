@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--shards", type=Path, default=None, help="shard folder (default <run>/eval/shards_step_N)")
     gen.add_argument("--keep-shards", action="store_true", help="keep the shards after a complete evaluation")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--no-real", action="store_true",
+                     help="skip the ceiling (the sample metrics on as many real eval-split samples)")
     ref = ap.add_argument_group("reference statistics (--reference)")
     ref.add_argument("--reference", type=Path, metavar="DATA_SPEC", help="write reference statistics of this data")
     ref.add_argument("--out", type=Path, help="the .npz to write")
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         ev = Evaluator(graph, run_dir, tracker=None)
         plan = ev.sample_plan(args.num, args.seed, args.batch_size, args.labels)
         try:
-            vals = ev.evaluate(ck.step, with_real=True, plan=plan, info=info, shards=args.shards,
+            vals = ev.evaluate(ck.step, with_real=not args.no_real, plan=plan, info=info, shards=args.shards,
                                save_npz=args.save_npz, save_png=args.save_png, keep_shards=args.keep_shards,
                                progress=not args.no_progress)
         except ValueError as e:

@@ -33,7 +33,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from runtime.distributed import DistInfo, all_true, barrier
@@ -127,10 +128,34 @@ def quantized_nhwc(samples: torch.Tensor) -> torch.Tensor:
 
 
 def _write_chunk(folder: Path, c: int, tensors: dict[str, torch.Tensor]) -> None:
+    """One shard. A tensor that is another key's very tensor (metrics that keep the samples themselves) is stored
+    once; the other keys name it in the ``aliases`` metadata; other overlapping views are copied."""
     path = _shard_path(folder, c)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for k, v in tensors.items():
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if ident in first:
+            aliases[k] = first[ident]
+            continue
+        first[ident] = k
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.contiguous() if ptr not in storages else v.clone()
+        storages.add(ptr)
+    save_file(out, str(tmp), metadata={"aliases": json.dumps(aliases, sort_keys=True)})
     os.replace(tmp, path)
+
+
+def load_chunk(path: Path) -> dict[str, torch.Tensor]:
+    """A shard's tensors by key, aliases resolved (:func:`_write_chunk`)."""
+    with safe_open(str(path), framework="pt") as f:
+        out = {k: f.get_tensor(k) for k in f.keys()}
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    out.update({k: out[v] for k, v in aliases.items()})
+    return out
 
 
 def _make_chunk(graph: Any, metrics: list[Any], plan: SamplePlan, c: int, images: bool,
@@ -172,7 +197,7 @@ def read_shards(folder: Path, plan: SamplePlan, keys: Callable[[str], bool] = la
         path = _shard_path(folder, c)
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing shard (a rank did not finish)")
-        for k, v in load_file(str(path)).items():
+        for k, v in load_chunk(path).items():
             if keys(k):
                 parts.setdefault(k, []).append(v)
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -181,7 +206,7 @@ def read_shards(folder: Path, plan: SamplePlan, keys: Callable[[str], bool] = la
 def write_npz_streamed(path: Path, folder: Path, plan: SamplePlan) -> Path:
     """``arr_0`` uint8 ``(num, H, W, 3)`` (+ ``arr_1`` int64 labels) from the shards' images, the ADM evaluator's
     sample batch layout, written chunk by chunk into the zip (never all images in memory)."""
-    first = load_file(str(_shard_path(folder, 0)))
+    first = load_chunk(_shard_path(folder, 0))
     h, w, ch = first["image"].shape[1:]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -192,7 +217,7 @@ def write_npz_streamed(path: Path, folder: Path, plan: SamplePlan) -> Path:
                 f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                     "shape": (plan.num, int(h), int(w), int(ch))})
             for c in range(plan.num_chunks):
-                t = load_file(str(_shard_path(folder, c)))
+                t = load_chunk(_shard_path(folder, c))
                 f.write(t["image"].numpy().tobytes())
                 if "label" in t:
                     labels.append(t["label"].numpy())

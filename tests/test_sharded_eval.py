@@ -71,6 +71,15 @@ def test_plan_gives_every_chunk_to_exactly_one_rank():
         assert got == [0, 1, 2]
 
 
+def test_shards_store_a_tensor_kept_by_several_metrics_once(tmp_path):
+    x = torch.randn(3, 2)
+    sharded_eval._write_chunk(tmp_path, 0, {"m0.sample": x, "m1.sample": x.detach(), "m2.part": x[:, :1],
+                                            "index": torch.arange(3)})
+    got = sharded_eval.load_chunk(sharded_eval._shard_path(tmp_path, 0))
+    assert set(got) == {"m0.sample", "m1.sample", "m2.part", "index"}
+    assert torch.equal(got["m1.sample"], x) and torch.equal(got["m2.part"], x[:, :1])
+
+
 def test_generate_indexed_is_per_sample(sde_run):
     """The SDE samples of indices 0..5 in one batch equal those made in two batches (fp32 tolerance: the
     network's batch size differs), and differ from another seed's."""
