@@ -71,8 +71,10 @@ class SampleSettings(Settings):
 class EvalSettings(Settings):
     every: int | None = Field(None, gt=0, description="Evaluate every this many steps (null = only at the end).")
     at_end: bool = Field(True, description="Evaluate once after the last step.")
-    num_samples: int = Field(200, gt=0, le=100_000, description="Generated samples per evaluation (held in memory "
-                                                               "together; at most 100,000).")
+    num_samples: int = Field(200, gt=0, le=100_000, description="Generated samples per evaluation (streamed into "
+                                                               "metric features batch by batch; at most 100,000).")
+    batch_size: int = Field(256, gt=0, description="Samples per sampling batch (chunk) in evaluation; the same value "
+                                                   "gives the same samples on any number of processes.")
     metrics: list["MetricSpec"] = Field(default_factory=list, description="Metrics to compute.")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,6 +55,64 @@ def generate(graph: Any, n: int, labels: torch.Tensor | None, *, solver: Any = N
     if isinstance(out[0], dict):
         return {k: torch.cat([o[k] for o in out]) for k in out[0]}
     return torch.cat(out)
+
+
+def indexed_labels(indices: list[int], num_classes: int, labels: list[int] | None = None, seed: int = 0,
+                   mode: str = "cycle") -> torch.Tensor | None:
+    """Labels ``(B,)`` of the samples with global ``indices``, each from ``(seed, index)`` alone: ``cycle``
+    (``labels``, else 0 .. num_classes - 1, repeated by index, as :func:`default_labels`) or ``uniform`` (a uniform
+    draw from sample ``index``'s own label generator, the ADM / REPA ``sample_ddp.py`` protocol); None if
+    unconditional."""
+    if num_classes == 0:
+        return None
+    if mode == "uniform":
+        from zoo.core.types import sample_seed
+
+        base = labels if labels else list(range(num_classes))
+        draws = [int(torch.randint(len(base), (), generator=torch.Generator().manual_seed(sample_seed(seed, i, "label"))))
+                 for i in indices]
+        return torch.tensor([base[d] for d in draws], dtype=torch.long)
+    if mode != "cycle":
+        raise ValueError(f"label mode must be 'cycle' or 'uniform', got {mode!r}")
+    base = labels if labels else list(range(num_classes))
+    return torch.tensor([base[i % len(base)] for i in indices], dtype=torch.long)
+
+
+@torch.no_grad()
+def generate_indexed(graph: Any, indices: list[int], label_of: Callable[[list[int]], torch.Tensor | None], *,
+                     seed: int, cfg_scale: float = 1.0, guidance_low: float = 0.0, guidance_high: float = 1.0,
+                     use_ema: bool = True) -> Any:
+    """The samples with global ``indices`` (one batch), ``(B, *input_shape)`` in [-1, 1] (a dict by stream for
+    multi-stream data), with labels ``label_of(indices)`` ``(B,)`` (None: unconditional). Sample ``i``'s initial
+    noise and every stochastic solver draw come from its own generator (:class:`zoo.core.types.SampleNoise`,
+    seeded by ``(seed, i)``), so a sample does not depend on which batch, rank or number of processes makes it.
+    Reconstructing objectives give the rows ``indices`` of ``objective.reconstruct(graph, max(indices) + 1,
+    label_of(0 .. max(indices)))`` (held-out data in order)."""
+    from runtime.compiler import tree_map
+    from zoo.core.types import SampleNoise
+
+    objective = graph.train_module.objective
+    if objective.reconstructs:
+        upto = max(indices) + 1
+        rec = objective.reconstruct(graph, upto, label_of(list(range(upto))), use_ema=use_ema)
+        return tree_map(lambda v: v[torch.tensor(indices)], rec)
+    labels = label_of(list(indices))
+    net = graph.ema.module if (use_ema and graph.ema is not None) else graph.backbone
+    was_training = net.training
+    net.eval()
+    rng = SampleNoise(seed, indices)
+    x1 = rng.randn((len(indices), graph.num_tokens, graph.modality.token_dim), torch.float32, graph.device)
+    y = labels.to(graph.device) if labels is not None else None
+
+    def model(x, t, yy):
+        with graph.autocast():
+            return net(x, t, yy).pred.float()
+
+    v = guided(model, y, net.null_label, cfg_scale, guidance_low, guidance_high)
+    x0 = graph.solver.solve(v, x1, generator=rng)
+    out = tree_map(lambda v: v.clamp(-1, 1).cpu(), graph.decode(x0))
+    net.train(was_training)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -35,6 +35,7 @@ from runtime.latents import latent_health
 from runtime.optim import LearningRate, build_optimizer
 from runtime.parallel import restore_sharded, save_sharded, unsharded
 from runtime.sample import default_labels, generate
+from runtime.sharded_eval import SamplePlan, evaluate_sharded
 from runtime.tracking import Tracker
 from zoo.core.protocols import shard_units, skipped_samples
 from zoo.parallel import checkpoint_blocks, local_tensor
@@ -332,6 +333,8 @@ class Evaluator:
         self.metrics = [METRICS.build(m, data_params=spec.data.data_space(), device=graph.device)
                         for m in spec.eval.metrics]
         self.on_samples = [m for m in self.metrics if not m.uses_model]
+        self.on_samples_json = [e.model_dump(mode="json") for m, e in zip(self.metrics, spec.eval.metrics)
+                                if not m.uses_model]
         self.on_model = [m for m in self.metrics if m.uses_model]
 
     def _generate(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -376,22 +379,52 @@ class Evaluator:
                     write_clip_readings(metric.clip_readings(x), got)
                 break
 
-    def evaluate(self, step: int, with_real: bool = False) -> dict[str, float]:
-        """Sample metrics on ``eval.num_samples`` generated samples (and, ``with_real``, on as many real
-        held-out samples: the ceiling), model metrics (linear probes) on the EMA model."""
-        n = self.graph.spec.eval.num_samples
+    def sample_plan(self, num: int | None = None, seed: int | None = None, batch_size: int | None = None,
+                    label_mode: str = "cycle") -> SamplePlan:
+        """The samples evaluation draws: ``eval.num_samples`` in chunks of ``eval.batch_size``, seed
+        ``sample.seed + 10000``, the spec's guidance and labels (overrides for the offline command)."""
+        spec = self.graph.spec
+        s, e = spec.sample, spec.eval
+        return SamplePlan(num=num or e.num_samples, batch_size=batch_size or e.batch_size,
+                          seed=s.seed + 10_000 if seed is None else seed, cfg_scale=s.cfg_scale,
+                          guidance_low=s.guidance_low, guidance_high=s.guidance_high,
+                          labels=tuple(s.labels) if s.labels else None, label_mode=label_mode, use_ema=s.use_ema)
+
+    def evaluate(self, step: int, with_real: bool = False, *, plan: SamplePlan | None = None,
+                 info: DistInfo = DistInfo(), shards: Path | None = None, save_npz: Path | None = None,
+                 save_png: Path | None = None, keep_shards: bool = False,
+                 progress: bool = False) -> dict[str, float]:
+        """Sample metrics on ``plan``'s generated samples (default :meth:`sample_plan`), streamed through
+        :func:`runtime.sharded_eval.evaluate_sharded` over the ranks of ``info`` into ``shards`` (default
+        ``eval/shards_step_<step>``, removed when complete unless ``keep_shards``), and, ``with_real``, on as many
+        real held-out samples (the ceiling); model metrics (linear probes) on the EMA model. Rank 0 gets the values,
+        writes them to ``eval/step_<step>.json`` and logs them; the other ranks get {}. The in-loop call and
+        ``python -m runtime.evaluate`` both come here, so equal plans give equal numbers."""
+        plan = plan or self.sample_plan()
         vals: dict[str, float] = {}
         if self.on_samples:
-            images, labels = self._generate(n, self.graph.spec.sample.seed + 10_000)
-            for m in self.on_samples:
-                vals.update({f"eval/{k}": v for k, v in m(images, labels).items()})
+            folder = shards or self.run_dir / "eval" / f"shards_step_{step:08d}"
+            got = evaluate_sharded(self.graph, self.on_samples, self.on_samples_json, plan, folder, info,
+                                   save_npz=save_npz, save_png=save_png, progress=progress, keep=keep_shards)
+            vals.update({f"eval/{k}": v for k, v in (got or {}).items()})
+        if not info.is_main:
+            return {}
         for m in self.on_model:
             vals.update({f"eval/{k}": v for k, v in m.evaluate_model(self.graph).items()})
         if with_real and self.on_samples:  # a latent cache: the ceiling is measured on the data it encodes
             real = DATASETS.build(self.graph.spec.data.data_space(), split="eval")
-            x, y = collate_pairs([real[i] for i in range(min(n, len(real)))])
-            for m in self.on_samples:
-                vals.update({f"real/{k}": v for k, v in m(x, y).items()})
+            idx = list(range(min(plan.num, len(real))))
+            parts: list[list[dict[str, torch.Tensor]]] = [[] for _ in self.on_samples]
+            ys = []
+            for i in range(0, len(idx), plan.batch_size):
+                x, y = collate_pairs([real[j] for j in idx[i:i + plan.batch_size]])
+                ys.append(y)
+                for j, m in enumerate(self.on_samples):
+                    parts[j].append(m.sample_features(x, y))
+            y_all = None if ys[0] is None else torch.cat(ys)
+            for j, m in enumerate(self.on_samples):
+                feats = {k: torch.cat([p[k] for p in parts[j]]) for k in parts[j][0]}
+                vals.update({f"real/{k}": v for k, v in m.from_features(feats, y_all).items()})
         if self.tracker is not None:
             self.tracker.scalars(step, vals)
         (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)

@@ -118,6 +118,8 @@ REQUIRED: dict[str, Callable[[Path], dict]] = {  # tag (or "kind:tag") -> fields
     "autoencoder:sprite_vae": lambda tmp: {"path": str(_sprite_export(tmp))},
     **{tag: _inception for tag in ("fid", "sfid", "inception_score", "precision_recall")},
     "fd_dinov2": lambda tmp: {"weights": None, "preset": "tiny", "num_real": 8},  # random init: tests only
+    "fvd": lambda tmp: {"weights": None, "num_real": 2, "batch_size": 2},  # random init: tests only; 224-px I3D
+    "fad": lambda tmp: {"weights": None, "num_real": 4},                   # random init: tests only
     "streams": lambda tmp: {"parts": {"video": {"type": "identity"}, "audio": {"type": "stft", "n_fft": 32}}},  # random init: allowed for tests only (specs must name a file)
 }
 
@@ -139,10 +141,12 @@ MODALITY_EXAMPLE: dict[str, Callable[[], dict]] = {  # tag -> build deps (defaul
     "audio_video": lambda: {"latent_shape": {"video": (1, 4, 8, 8), "audio": (6, 30)},
                             "time_step_s": {"video": 0.125, "audio": 0.01}},
 }
-METRIC_SAMPLES = {tag: 8 for tag in ("fid", "sfid", "inception_score", "precision_recall", "fd_dinov2")}  # 299-px nets
+METRIC_SAMPLES = {**{tag: 8 for tag in ("fid", "sfid", "inception_score", "precision_recall", "fd_dinov2")},  # 299-px nets
+                  "fvd": 2, "fad": 4}                                                      # 16 x 224 x 224 I3D
 METRIC_DATA: dict[str, Callable[[], Any]] = {        # tag -> data params to evaluate on (default digits tiny)
     **{tag: (lambda: DATASETS.get("bouncing_digits_av").Params(type="bouncing_digits_av", preset="tiny"))
-       for tag in ("av_agreement", "av_sync_ms", "video_class_accuracy", "audio_class_accuracy", "video_consistency")},
+       for tag in ("av_agreement", "av_sync_ms", "video_class_accuracy", "audio_class_accuracy", "video_consistency",
+                   "fvd", "fad")},
 }
 
 

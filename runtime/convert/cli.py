@@ -28,6 +28,9 @@ user needs a local SD-VAE in diffusers ``save_pretrained`` layout (``config.json
 relative to the working directory, or ``--set autoencoder.path=/path/to/sd-vae-ft-ema``; nothing is
 downloaded. Sampling does not read the data; evaluation may.
 
+``python -m runtime.convert detector {i3d,vggish} SRC --out DST.safetensors`` converts the feature extractors of
+the ``fvd`` / ``fad`` metrics instead (:mod:`runtime.convert.detector`).
+
 Key layouts, one module per format (``runtime/convert/{sit,repa,selfflow}.py``; every source key must be
 consumed, every target key filled with its exact shape):
 
@@ -51,6 +54,11 @@ def description() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["detector"]:  # the fvd / fad feature extractors: runtime/convert/detector.py
+        from runtime.convert import detector
+
+        return detector.main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m runtime.convert", description=description(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", type=Path, help="published checkpoint (.pt/.pth or .safetensors)")

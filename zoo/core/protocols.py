@@ -136,6 +136,23 @@ class Metric:
         per sample."""
         return None
 
+    def sample_features(self, samples: Any, labels: Tensor | None) -> dict[str, Tensor]:
+        """The streaming interface: what this metric keeps of one batch of ``B`` generated samples, ``{name: (B,
+        ...)}`` CPU tensors, row ``b`` for sample ``b``. Evaluation at scale (:mod:`runtime.sharded_eval`) calls
+        it batch by batch, writes the rows to shards and hands their concatenation, in sample-index order, to
+        :meth:`from_features`. The default keeps the samples themselves (``{"sample": x}``, or ``{"sample.<stream>":
+        x}`` per stream of multi-stream samples): right for metrics whose inputs are small."""
+        if isinstance(samples, dict):
+            return {f"sample.{k}": v.detach().cpu() for k, v in samples.items()}
+        return {"sample": samples.detach().cpu()}
+
+    def from_features(self, features: dict[str, Tensor], labels: Tensor | None) -> dict[str, float]:
+        """``{name: value}`` from all samples' :meth:`sample_features` rows (concatenated in sample-index order)
+        and their labels ``(N,)`` (None when unconditional). The default calls the metric on the kept samples."""
+        if "sample" in features:
+            return self(features["sample"], labels)
+        return self({k[len("sample."):]: v for k, v in features.items()}, labels)
+
 
 class Dataset(Protocol):
     """What ``DATASETS.build(params, split=...)`` returns: a map-style dataset, ``len(ds)`` samples and
@@ -204,11 +221,13 @@ class Teacher(Protocol):
 @runtime_checkable
 class Solver(Protocol):
     """``solve(velocity, noise, generator=None) -> x0``: integrates from t = 1 (``noise`` ``(B, N, P)``) to
-    t = 0. ``nfe`` is the number of velocity evaluations it makes."""
+    t = 0. ``nfe`` is the number of velocity evaluations it makes. ``generator`` (stochastic solvers) is a
+    ``torch.Generator`` or a :class:`zoo.core.types.SampleNoise` (one generator per sample: draw through
+    :func:`zoo.core.types.normal_like`)."""
 
     nfe: int
 
-    def solve(self, velocity: Velocity, noise: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
+    def solve(self, velocity: Velocity, noise: Tensor, generator: Any = None) -> Tensor: ...
 
 
 @runtime_checkable

@@ -1,6 +1,7 @@
 """Plain data passed between the runtime and the components."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -72,3 +73,39 @@ class StepContext:
     step: int
     rng: StepRNG
     ema: torch.nn.Module | None = None
+
+
+def sample_seed(seed: int, index: int, stream: str = "noise") -> int:
+    """The seed of sample ``index``'s own generator: the first 8 bytes of ``sha256(f"{seed}/{index}/{stream}")``
+    as an integer below 2^63. A function of ``(seed, index, stream)`` alone, so a sample is the same whatever batch,
+    rank or number of processes draws it (``stream`` separates the label draw from the noise draws)."""
+    digest = hashlib.sha256(f"{seed}/{index}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class SampleNoise:
+    """Per-sample generators for a batch of samples with global indices ``indices``: row ``b`` of every draw comes
+    from sample ``indices[b]``'s own CPU generator (seeded by :func:`sample_seed`), in draw order, so the batch
+    composition changes nothing. Solvers take it where they take a ``torch.Generator``
+    (:func:`normal_like`)."""
+
+    def __init__(self, seed: int, indices: list[int]):
+        self.indices = list(indices)
+        self.gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in self.indices]
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> Tensor:
+        """Standard normal ``shape`` = ``(len(indices), *per_sample)``, drawn per row on the CPU, then moved."""
+        if shape[0] != len(self.gens):
+            raise ValueError(f"SampleNoise has {len(self.gens)} samples, a draw of shape {tuple(shape)} was asked")
+        rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in self.gens]
+        return torch.stack(rows).to(device)
+
+
+def normal_like(generator: "torch.Generator | SampleNoise | None", shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device | str) -> Tensor:
+    """A standard-normal draw ``shape`` from a ``torch.Generator`` (on ``device``; the global RNG when None) or a
+    :class:`SampleNoise` (per-sample rows)."""
+    if isinstance(generator, SampleNoise):
+        return generator.randn(tuple(shape), dtype, device)
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)

@@ -290,7 +290,8 @@ def _needs_digits(name: str, spec: Any) -> Iterable[tuple[str, str]]:
 
 
 def _finite(samples: Tensor, name: str) -> bool:
-    ok = bool(torch.isfinite(samples).all())
+    """All of ``samples`` finite (a bool tensor: all True); warns when not."""
+    ok = bool(samples.all()) if samples.dtype == torch.bool else bool(torch.isfinite(samples).all())
     if not ok:
         warnings.warn(f"{name}: samples contain NaN or inf; the metric is NaN", stacklevel=3)
     return ok
@@ -320,14 +321,23 @@ class ClassAccuracy(Metric):
         self.classifier = get_digit_classifier(data_params.size, data_params.channels, device)
 
     def __call__(self, samples: Tensor, labels: Tensor | None) -> dict[str, float]:
+        return self.from_features(self.sample_features(samples, labels), labels)
+
+    def sample_features(self, samples: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
+        """``{"pred": (B,) int64 predicted digit (-1 where the sample is not finite)}``."""
+        finite = torch.isfinite(samples.reshape(len(samples), -1)).all(1).cpu()
+        pred = self.classifier.predict(torch.nan_to_num(samples).clamp(-1, 1), self.params.batch_size)
+        return {"pred": torch.where(finite, pred, torch.full_like(pred, -1))}
+
+    def from_features(self, features: dict[str, Tensor], labels: Tensor | None) -> dict[str, float]:
         if labels is None:
             raise ValueError("class_accuracy needs the requested labels (class-conditional samples)")
+        pred = features["pred"]
         labels = torch.as_tensor(labels).reshape(-1).cpu().long()
-        if len(labels) != len(samples):
-            raise ValueError(f"class_accuracy: {len(samples)} samples but {len(labels)} labels")
-        if not _finite(samples, "class_accuracy"):
+        if len(labels) != len(pred):
+            raise ValueError(f"class_accuracy: {len(pred)} samples but {len(labels)} labels")
+        if not _finite(pred.ge(0), "class_accuracy"):
             return {"class_accuracy": math.nan}
-        pred = self.classifier.predict(samples.clamp(-1, 1), self.params.batch_size)
         return {"class_accuracy": (pred == labels).float().mean().item()}
 
 
@@ -373,8 +383,16 @@ class ClassifierFD(Metric):
         return _REF_STATS[key]
 
     def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-        if not _finite(samples, "classifier_fd"):
+        return self.from_features(self.sample_features(samples, labels), labels)
+
+    def sample_features(self, samples: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
+        """``{"features": (B, F) float32, "finite": (B,) bool}``."""
+        finite = torch.isfinite(samples.reshape(len(samples), -1)).all(1).cpu()
+        feats = self.classifier.batched_features(torch.nan_to_num(samples).clamp(-1, 1), self.params.batch_size)
+        return {"features": feats, "finite": finite}
+
+    def from_features(self, features: dict[str, Tensor], labels: Tensor | None) -> dict[str, float]:
+        if not _finite(features["finite"], "classifier_fd"):
             return {"classifier_fd": math.nan}
-        feats = self.classifier.batched_features(samples.clamp(-1, 1), self.params.batch_size)
-        mu, sigma = feature_stats(feats)
+        mu, sigma = feature_stats(features["features"])
         return {"classifier_fd": frechet_distance(mu, sigma, *self.reference_stats())}

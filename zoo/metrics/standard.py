@@ -332,15 +332,19 @@ class FDDINOv2Params(_ImageMetricParams):
 
 class _ImageMetric(Metric):
     """Shared: feature extraction memoised on the last input tensor, so entries of one extractor on the same
-    samples run the network once."""
+    samples run the network once. Each entry keeps one feature (``key``) per sample through the streaming
+    interface (:meth:`sample_features`, float32 as the network gives it) and computes its value from all of them
+    (:meth:`values`, in float64); ``metric(samples, labels)`` is the two in a row."""
 
     need = "inception"
+    key = "pool"
     _memo: dict[tuple, tuple[Tensor, int, Any]] = {}
 
     def __init__(self, params: Any, data_params: Any, device: torch.device | str = "cpu", **deps: Any):
         self.params, self.data_params, self.device = params, data_params.data_space(), device
 
-    def features(self, x: Tensor) -> Any:
+    def features(self, x: Tensor) -> dict[str, np.ndarray]:
+        """Images ``(N, C, H, W)`` in [-1, 1] -> the extractor's features by name (float64 arrays ``(N, D)``)."""
         p = self.params
         key = (self.need, getattr(p, "weights", None), getattr(p, "preset", None), str(self.device))
         hit = _ImageMetric._memo.get(key)
@@ -349,9 +353,24 @@ class _ImageMetric(Metric):
         if self.need == "inception":
             f = inception_features(x, p.weights, self.device, p.batch_size)
         else:
-            f = dinov2_features(x, p.weights, p.preset, self.device, p.batch_size)
+            f = {"cls": dinov2_features(x, p.weights, p.preset, self.device, p.batch_size)}
         _ImageMetric._memo = {key: (x, x._version, f)}
         return f
+
+    def sample_features(self, samples: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
+        """``{key: (B, D) float32}`` (the network computes in float32, so nothing is lost)."""
+        return {self.key: torch.from_numpy(self.features(samples)[self.key]).float()}
+
+    def from_features(self, features: dict[str, Tensor], labels: Tensor | None) -> dict[str, float]:
+        return self.values(features[self.key].double().numpy())
+
+    def values(self, feats: np.ndarray) -> dict[str, float]:
+        """``{name: value}`` from the ``key`` features of all samples ``(N, D)`` float64."""
+        raise NotImplementedError
+
+    def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+        """``metric(samples (N, C, H, W) in [-1, 1], labels ignored) -> {name: value}``."""
+        return self.from_features(self.sample_features(samples, labels), labels)
 
     def reference(self) -> dict[str, np.ndarray]:
         return reference_stats(self.params, self.data_params, self.device, self.need)
@@ -359,57 +378,60 @@ class _ImageMetric(Metric):
 
 @METRICS.register
 class FID(_ImageMetric):
-    """``metric(samples (N, C, H, W) in [-1, 1], labels ignored) -> {"fid": float}``."""
+    """``{"fid": float}`` from pool3 features."""
 
     Params = FIDParams
 
-    def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-        mu, sigma = feature_stats(self.features(samples)["pool"])
+    def values(self, feats: np.ndarray) -> dict[str, float]:
+        mu, sigma = feature_stats(feats)
         ref = self.reference()
         return {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
 
 
 @METRICS.register
 class SFID(_ImageMetric):
-    """``metric(samples, labels ignored) -> {"sfid": float}``."""
+    """``{"sfid": float}`` from the spatial features."""
 
     Params = SFIDParams
+    key = "spatial"
 
-    def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-        mu, sigma = feature_stats(self.features(samples)["spatial"])
+    def values(self, feats: np.ndarray) -> dict[str, float]:
+        mu, sigma = feature_stats(feats)
         ref = self.reference()
         return {"sfid": frechet_distance(mu, sigma, ref["mu_s"], ref["sigma_s"])}
 
 
 @METRICS.register
 class InceptionScore(_ImageMetric):
-    """``metric(samples, labels ignored) -> {"inception_score": float >= 1}``."""
+    """``{"inception_score": float >= 1}`` from the 1008 logits."""
 
     Params = InceptionScoreParams
+    key = "logits"
 
-    def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-        return {"inception_score": inception_score(self.features(samples)["logits"])}
+    def values(self, feats: np.ndarray) -> dict[str, float]:
+        return {"inception_score": inception_score(feats)}
 
 
 @METRICS.register
 class PrecisionRecall(_ImageMetric):
-    """``metric(samples, labels ignored) -> {"precision": float, "recall": float}``."""
+    """``{"precision": float, "recall": float}`` from pool3 features."""
 
     Params = PrecisionRecallParams
 
-    def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-        prec, rec = precision_recall(self.reference()["pool"], self.features(samples)["pool"], self.params.k)
+    def values(self, feats: np.ndarray) -> dict[str, float]:
+        prec, rec = precision_recall(self.reference()["pool"], feats, self.params.k)
         return {"precision": prec, "recall": rec}
 
 
 @METRICS.register
 class FDDINOv2(_ImageMetric):
-    """``metric(samples, labels ignored) -> {"fd_dinov2": float}``."""
+    """``{"fd_dinov2": float}`` from DINOv2 CLS features."""
 
     Params = FDDINOv2Params
     need = "dinov2"
+    key = "cls"
 
-    def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-        mu, sigma = feature_stats(self.features(samples))
+    def values(self, feats: np.ndarray) -> dict[str, float]:
+        mu, sigma = feature_stats(feats)
         ref = self.reference()
         return {"fd_dinov2": frechet_distance(mu, sigma, ref["mu_dinov2"], ref["sigma_dinov2"])}

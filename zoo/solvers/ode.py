@@ -59,7 +59,7 @@ class _ODESolver:
         self.times = time_grid(params.steps, params.shift)  # (steps + 1,) float64, 1 -> 0
 
     @torch.no_grad()
-    def solve(self, velocity: Velocity, noise: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def solve(self, velocity: Velocity, noise: Tensor, generator: Any = None) -> Tensor:
         """``noise`` ``(B, N, P)`` at t = 1 -> ``x0`` ``(B, N, P)`` in ``noise``'s dtype. ``generator`` is unused."""
         x = noise.to(torch.float64)
         ts = self.times.tolist()

@@ -23,6 +23,7 @@ from torch import Tensor
 from registry.kinds import SOLVERS
 from zoo.core.params import ZooParams
 from zoo.core.protocols import Velocity
+from zoo.core.types import SampleNoise, normal_like
 from zoo.solvers.ode import eval_velocity
 
 
@@ -61,9 +62,10 @@ class EulerMaruyama:
         return v - self.params.diffusion_norm * t * score_from_velocity(v, x, t)
 
     @torch.no_grad()
-    def solve(self, velocity: Velocity, noise: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def solve(self, velocity: Velocity, noise: Tensor, generator: torch.Generator | SampleNoise | None = None) -> Tensor:
         """``noise`` ``(B, N, P)`` at t = 1 -> ``x0`` ``(B, N, P)`` in ``noise``'s dtype. The per-step Gaussian
-        noise is drawn (float64, on ``noise``'s device) from ``generator`` (the global RNG when None)."""
+        noise is drawn (float64, on ``noise``'s device) from ``generator`` (the global RNG when None; a
+        :class:`SampleNoise` draws each row from its sample's own generator)."""
         x = noise.to(torch.float64)
         ts = self.times.tolist()
         for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
@@ -71,7 +73,7 @@ class EulerMaruyama:
             d = self.drift(eval_velocity(velocity, x, t_cur, noise), x, t_cur)
             x = x + d * dt
             if i < len(ts) - 2:  # every step but the last adds noise
-                eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                eps = normal_like(generator, x.shape, x.dtype, x.device)
                 g = (2.0 * self.params.diffusion_norm * t_cur) ** 0.5
                 x = x + g * abs(dt) ** 0.5 * eps
         return x.to(noise.dtype)
