@@ -362,6 +362,7 @@ class FID(_ImageMetric):
     """``metric(samples (N, C, H, W) in [-1, 1], labels ignored) -> {"fid": float}``."""
 
     Params = FIDParams
+    higher_is_better = False
 
     def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         mu, sigma = feature_stats(self.features(samples)["pool"])
@@ -374,6 +375,7 @@ class SFID(_ImageMetric):
     """``metric(samples, labels ignored) -> {"sfid": float}``."""
 
     Params = SFIDParams
+    higher_is_better = False
 
     def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         mu, sigma = feature_stats(self.features(samples)["spatial"])
@@ -386,6 +388,7 @@ class InceptionScore(_ImageMetric):
     """``metric(samples, labels ignored) -> {"inception_score": float >= 1}``."""
 
     Params = InceptionScoreParams
+    higher_is_better = True
 
     def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         return {"inception_score": inception_score(self.features(samples)["logits"])}
@@ -397,6 +400,10 @@ class PrecisionRecall(_ImageMetric):
 
     Params = PrecisionRecallParams
 
+    @classmethod
+    def directions(cls, params: Any) -> dict[str, bool]:
+        return {"precision": True, "recall": True}
+
     def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         prec, rec = precision_recall(self.reference()["pool"], self.features(samples)["pool"], self.params.k)
         return {"precision": prec, "recall": rec}
@@ -407,6 +414,7 @@ class FDDINOv2(_ImageMetric):
     """``metric(samples, labels ignored) -> {"fd_dinov2": float}``."""
 
     Params = FDDINOv2Params
+    higher_is_better = False
     need = "dinov2"
 
     def __call__(self, samples: Tensor, labels: Tensor | None = None) -> dict[str, float]:
