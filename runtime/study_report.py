@@ -180,52 +180,132 @@ def replace_block(path: Path, section: str, body: str) -> None:
     tmp.replace(path)
 
 
-def write_study(jobs: list[Any], base: str, args: Any, command: str, wall_s: float) -> tuple[Path, list[Path]]:
-    """Statistics, charts, ``<out>/study_summary.json`` and the markdown block; returns (docs file, charts)."""
-    from runtime.plots import band_chart
+@dataclass
+class Results:
+    """Everything the block reports, per metric value name ``key`` and spec ``name``."""
 
+    names: list[str]
+    base: str
+    curves: dict[str, dict[str, Curves]]
+    dirs: dict[str, bool]
+    final: dict[str, dict[str, stats.Interval]]      # the interval at the last evaluated step
+    reach: dict[str, dict[str, stats.Crossing]]      # steps to the baseline's final mean (directed metrics)
+
+    def head(self, key: str) -> str:
+        return key + {True: " ↑", False: " ↓"}.get(self.dirs.get(key), "")
+
+
+def analyse(jobs: list[Any], base: str, interval: str) -> tuple[Results, dict[str, Any], dict[str, Any]]:
+    """(results, per-metric chart bands ``{key: {name: Band}}``, the JSON summary's ``metrics`` part)."""
     curves, dirs = collect(jobs), directions(jobs)
-    names = list(dict.fromkeys(j.spec.name for j in jobs))
-    spec0 = jobs[0].spec
-    total = spec0.train.steps
-    n_seeds = args.seeds
-    figs = args.docs.parent / "figures"
-    charts: list[Path] = []
-    summary: dict[str, Any] = {"command": command, "baseline": base, "seeds": n_seeds, "steps": total,
-                               "interval": args.interval, "level": LEVEL, "metrics": {}}
-    final: dict[str, dict[str, stats.Interval]] = {}
+    res = Results(list(dict.fromkeys(j.spec.name for j in jobs)), base, curves, dirs, {}, {})
+    bands: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
     for key, per in curves.items():
-        entry: dict[str, Any] = {"higher_is_better": dirs.get(key), "specs": {}}
-        bands = {}
+        summary[key] = {"higher_is_better": dirs.get(key), "specs": {}}
         for name, c in per.items():
-            ivs, xs = band(c, args.interval)
-            bands[name] = (xs, [iv.mean for iv in ivs], [iv.lo for iv in ivs], [iv.hi for iv in ivs])
-            final.setdefault(key, {})[name] = ivs[-1]
-            entry["specs"][name] = {"steps": c.steps, "values": c.values.tolist(),
-                                    "mean": bands[name][1], "lo": bands[name][2], "hi": bands[name][3]}
-        arrow = {True: " (higher is better)", False: " (lower is better)"}.get(dirs.get(key), "")
-        charts.append(band_chart(bands, figs / f"study_{args.section}_{key}.png", title=f"{key}{arrow}",
-                                 xlabel="step", ylabel=key))
-        summary["metrics"][key] = entry
-
-    # steps to the baseline's final quality, and the final-step comparison
-    reach: dict[str, dict[str, stats.Crossing]] = {}
-    for key, per in curves.items():
+            ivs, xs = band(c, interval)
+            b = bands.setdefault(key, {})[name] = (xs, [iv.mean for iv in ivs], [iv.lo for iv in ivs],
+                                                   [iv.hi for iv in ivs])
+            res.final.setdefault(key, {})[name] = ivs[-1]
+            summary[key]["specs"][name] = {"steps": c.steps, "values": c.values.tolist(), "mean": b[1], "lo": b[2],
+                                           "hi": b[3]}
         if dirs.get(key) is None or base not in per:
             continue
         for name, c in per.items():
             cross = stats.steps_to_quality(c.steps, c.values, None if name == base else per[base].values[:, -1],
                                            dirs[key], LEVEL, RESAMPLES, seed=0)
-            reach.setdefault(key, {})[name] = cross
-            summary["metrics"][key]["specs"][name]["steps_to_baseline"] = {
-                "step": cross.step, "lo": cross.lo, "hi": cross.hi, "reached": cross.reached}
+            res.reach.setdefault(key, {})[name] = cross
+            summary[key]["specs"][name]["steps_to_baseline"] = {"step": cross.step, "lo": cross.lo, "hi": cross.hi,
+                                                                "reached": cross.reached}
+            if name != base and name in res.final[key] and base in res.final[key]:
+                d = stats.welch_interval(c.values[:, -1], per[base].values[:, -1], LEVEL)
+                summary[key]["specs"][name]["vs_baseline"] = {
+                    "diff": d.mean, "lo": d.lo, "hi": d.hi,
+                    "overlap": res.final[key][name].overlaps(res.final[key][base])}
+    return res, bands, summary
 
-    keys = list(curves)
-    head = lambda k: k + {True: " ↑", False: " ↓"}.get(dirs.get(k), "")  # noqa: E731
+
+def final_table(res: Results, interval: str, total: int) -> list[str]:
+    how = ("95 % Student-t interval over seeds (n − 1 degrees of freedom)" if interval == "t" else
+           "95 % percentile-bootstrap interval of the seed mean (10 000 resamples)")
+    keys = list(res.curves)
+    lines = [f"### Final values (step {total}): seed mean ± half-width [95 % interval]", "",
+             f"Interval: {how}. ↑ higher is better, ↓ lower is better.", "",
+             "| run | " + " | ".join(res.head(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for n in res.names:
+        lines.append(f"| {n} | " + " | ".join(fmt_interval(res.final[k][n]) if n in res.final.get(k, {}) else "—"
+                                              for k in keys) + " |")
+    return lines
+
+
+def versus_table(res: Results, total: int) -> list[str]:
+    keys, base = list(res.curves), res.base
+    lines = [f"### Against `{base}` at step {total}", "",
+             "Δ = mean − baseline mean with Welch's 95 % interval; **overlap** = the two final intervals above share "
+             "a point (no difference shown at this number of seeds), **separate** = they do not (better/worse by "
+             "the metric's direction).", "",
+             "| run | " + " | ".join(res.head(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for n in res.names:
+        if n == base:
+            continue
+        cells = []
+        for k in keys:
+            mine, theirs = res.final.get(k, {}).get(n), res.final.get(k, {}).get(base)
+            if mine is None or theirs is None:
+                cells.append("—")
+                continue
+            d = stats.welch_interval(res.curves[k][n].values[:, -1], res.curves[k][base].values[:, -1], LEVEL)
+            mark = "overlap" if mine.overlaps(theirs) else "separate"
+            if mark == "separate" and res.dirs.get(k) is not None:
+                mark += ", " + ("better" if (mine.mean > theirs.mean) == res.dirs[k] else "worse")
+            cells.append(f"Δ {fmt(d.mean)} [{fmt(d.lo)}, {fmt(d.hi)}]; **{mark}**")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def reach_table(res: Results, total: int, n_seeds: int) -> list[str]:
+    keys, base = [k for k in res.curves if k in res.reach], res.base
+    lines = [f"### Steps to `{base}`'s final quality", "",
+             f"The first evaluated step at which the run's seed-mean curve is at least as good as `{base}`'s "
+             f"seed mean at step {total}, as a share of the {total} steps; [interval] = 2.5th/97.5th percentiles "
+             f"over {RESAMPLES} bootstrap resamples of the seeds of the run and of the baseline (independently); "
+             f"\"not reached\" = not within the evaluated steps. With {n_seeds} seeds a method has only "
+             f"{math.comb(2 * n_seeds - 1, n_seeds)} distinct resamples: read the interval as coarse. `{base}`'s "
+             "own row is the step at which its curve first reaches its final mean.", "",
+             "| run | " + " | ".join(res.head(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for n in res.names:
+        cells = []
+        for k in keys:
+            c = res.reach[k].get(n)
+            if c is None:
+                cells.append("—")
+                continue
+            main = fmt_step(math.inf if c.step is None else c.step, total)
+            bound = lambda v: "not reached" if not math.isfinite(v) else str(int(v))  # noqa: E731
+            cells.append(f"{main} [{bound(c.lo)}, {bound(c.hi)}]"
+                         + (f"; reached in {100 * c.reached:.0f} % of resamples" if c.reached < 1 else ""))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_study(jobs: list[Any], base: str, args: Any, command: str, wall_s: float) -> tuple[Path, list[Path]]:
+    """Statistics, charts, ``<out>/study_summary.json`` and the markdown block; returns (docs file, charts)."""
+    from runtime.plots import band_chart
+
+    res, bands, metrics = analyse(jobs, base, args.interval)
+    spec0, n_seeds = jobs[0].spec, args.seeds
+    total = spec0.train.steps
+    figs = args.docs.parent / "figures"
+    charts = []
+    for key, per in bands.items():
+        arrow = {True: " (higher is better)", False: " (lower is better)"}.get(res.dirs.get(key), "")
+        charts.append(band_chart(per, figs / f"study_{args.section}_{key}.png", title=f"{key}{arrow}",
+                                 xlabel="step", ylabel=key))
     real = eval_by_step(next(j.out for j in jobs if j.spec.name == base), "real/")
     real_vals = real[max(real)] if real else {}
-    lines = [f"## Study `{args.section}`: {', '.join(names)} ({n_seeds} seed{'s' if n_seeds > 1 else ''} each)", "",
-             f"Command: `{command}`  ",
+    lines = [f"## Study `{args.section}`: {', '.join(res.names)} ({n_seeds} seed{'s' if n_seeds > 1 else ''} each)",
+             "", f"Command: `{command}`  ",
              f"Machine: {machine_line(jobs)}  ",
              f"Date: {date.today().isoformat()}; wall time of this invocation {wall_s / 60:.1f} min "
              f"(runs skipped as finished take none); training + evaluation time summed over all runs "
@@ -238,62 +318,15 @@ def write_study(jobs: list[Any], base: str, args: Any, command: str, wall_s: flo
     if diffs:
         lines += ["The specs also differ from the baseline outside the objective (not only the method changes):", ""]
         lines += [f"- {d}" for d in diffs] + [""]
-    how = ("95 % Student-t interval over seeds (n − 1 degrees of freedom)" if args.interval == "t" else
-           "95 % percentile-bootstrap interval of the seed mean (10 000 resamples)")
-    lines += [f"### Final values (step {total}): seed mean ± half-width [95 % interval]", "",
-              f"Interval: {how}. ↑ higher is better, ↓ lower is better.", "",
-              "| run | " + " | ".join(head(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(fmt_interval(final[k][n]) if n in final.get(k, {}) else "—"
-                                              for k in keys) + " |")
+    lines += final_table(res, args.interval, total)
     if real_vals:
         lines += ["", "Real held-out data (the ceiling): " + ", ".join(f"{k} {fmt(v)}" for k, v in real_vals.items())]
-    lines += ["", f"### Against `{base}` at step {total}", "",
-              "Δ = mean − baseline mean with Welch's 95 % interval; **overlap** = the two final intervals above share "
-              "a point (no difference shown at this number of seeds), **separate** = they do not (better/worse by "
-              "the metric's direction).", "",
-              "| run | " + " | ".join(head(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
-    for n in names:
-        if n == base:
-            continue
-        cells = []
-        for k in keys:
-            mine, theirs = final.get(k, {}).get(n), final.get(k, {}).get(base)
-            if mine is None or theirs is None:
-                cells.append("—")
-                continue
-            d = stats.welch_interval(curves[k][n].values[:, -1], curves[k][base].values[:, -1], LEVEL)
-            mark = "overlap" if mine.overlaps(theirs) else "separate"
-            if mark == "separate" and dirs.get(k) is not None:
-                mark += ", " + ("better" if (mine.mean > theirs.mean) == dirs[k] else "worse")
-            cells.append(f"Δ {fmt(d.mean)} [{fmt(d.lo)}, {fmt(d.hi)}]; **{mark}**")
-            summary["metrics"][k]["specs"][n]["vs_baseline"] = {"diff": d.mean, "lo": d.lo, "hi": d.hi,
-                                                                "overlap": mine.overlaps(theirs)}
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    rkeys = [k for k in keys if k in reach]
-    lines += ["", f"### Steps to `{base}`'s final quality", "",
-              f"The first evaluated step at which the run's seed-mean curve is at least as good as `{base}`'s "
-              f"seed mean at step {total}, as a share of the {total} steps; [interval] = 2.5th/97.5th percentiles "
-              f"over {RESAMPLES} bootstrap resamples of the seeds of the run and of the baseline (independently); "
-              f"\"not reached\" = not within the evaluated steps. With {n_seeds} seeds a method has only "
-              f"{math.comb(2 * n_seeds - 1, n_seeds)} distinct resamples: read the interval as coarse. `{base}`'s "
-              "own row is the step at which its curve first reaches its final mean.", "",
-              "| run | " + " | ".join(head(k) for k in rkeys) + " |", "|---|" + "---|" * len(rkeys)]
-    for n in names:
-        cells = []
-        for k in rkeys:
-            c = reach[k].get(n)
-            if c is None:
-                cells.append("—")
-                continue
-            main = fmt_step(math.inf if c.step is None else c.step, total)
-            bound = lambda v: "not reached" if not math.isfinite(v) else str(int(v))  # noqa: E731
-            cells.append(f"{main} [{bound(c.lo)}, {bound(c.hi)}]"
-                         + (f"; reached in {100 * c.reached:.0f} % of resamples" if c.reached < 1 else ""))
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines += ["", "Charts: seed mean (line) and its 95 % interval (shaded) per evaluated step.", ""]
+    lines += ["", *versus_table(res, total), "", *reach_table(res, total, n_seeds), "",
+              "Charts: seed mean (line) and its 95 % interval (shaded) per evaluated step.", ""]
     lines += [f"![{c.stem}]({Path(os.path.relpath(c, args.docs.parent)).as_posix()})" for c in charts]
     replace_block(args.docs, args.section, "\n".join(lines) + "\n")
+    summary = {"command": command, "baseline": base, "seeds": n_seeds, "steps": total, "interval": args.interval,
+               "level": LEVEL, "metrics": metrics}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study_summary.json").write_text(json.dumps(_finite_or_null(summary), indent=1) + "\n")
     return args.docs, charts
