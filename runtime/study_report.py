@@ -210,8 +210,8 @@ def analyse(jobs: list[Any], base: str, interval: str) -> tuple[Results, dict[st
             res.final.setdefault(key, {})[name] = ivs[-1]
             summary[key]["specs"][name] = {"steps": c.steps, "values": c.values.tolist(), "mean": b[1], "lo": b[2],
                                            "hi": b[3]}
-        if dirs.get(key) is None or base not in per:
-            continue
+        if dirs.get(key) is None or base not in per or not math.isfinite(res.final[key][base].mean):
+            continue  # no direction, or no baseline quality to reach (NaN in every baseline run)
         for name, c in per.items():
             cross = stats.steps_to_quality(c.steps, c.values, None if name == base else per[base].values[:, -1],
                                            dirs[key], LEVEL, RESAMPLES, seed=0)
@@ -221,9 +221,15 @@ def analyse(jobs: list[Any], base: str, interval: str) -> tuple[Results, dict[st
             if name != base and name in res.final[key] and base in res.final[key]:
                 d = stats.welch_interval(c.values[:, -1], per[base].values[:, -1], LEVEL)
                 summary[key]["specs"][name]["vs_baseline"] = {
-                    "diff": d.mean, "lo": d.lo, "hi": d.hi,
-                    "overlap": res.final[key][name].overlaps(res.final[key][base])}
+                    "diff": d.mean, "lo": d.lo, "hi": d.hi, "overlap": overlap(res.final[key][name], res.final[key][base])}
     return res, bands, summary
+
+
+def overlap(a: stats.Interval, b: stats.Interval) -> bool | None:
+    """Whether two intervals share a point; None when either is undefined (fewer than two finite seeds)."""
+    if not all(math.isfinite(v) for v in (a.lo, a.hi, b.lo, b.hi)):
+        return None
+    return a.overlaps(b)
 
 
 def final_table(res: Results, interval: str, total: int) -> list[str]:
@@ -244,7 +250,7 @@ def versus_table(res: Results, total: int) -> list[str]:
     lines = [f"### Against `{base}` at step {total}", "",
              "Δ = mean − baseline mean with Welch's 95 % interval; **overlap** = the two final intervals above share "
              "a point (no difference shown at this number of seeds), **separate** = they do not (better/worse by "
-             "the metric's direction).", "",
+             "the metric's direction), n/a = an interval is undefined (fewer than two finite seeds).", "",
              "| run | " + " | ".join(res.head(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for n in res.names:
         if n == base:
@@ -256,7 +262,8 @@ def versus_table(res: Results, total: int) -> list[str]:
                 cells.append("—")
                 continue
             d = stats.welch_interval(res.curves[k][n].values[:, -1], res.curves[k][base].values[:, -1], LEVEL)
-            mark = "overlap" if mine.overlaps(theirs) else "separate"
+            both = overlap(mine, theirs)
+            mark = "n/a" if both is None else "overlap" if both else "separate"
             if mark == "separate" and res.dirs.get(k) is not None:
                 mark += ", " + ("better" if (mine.mean > theirs.mean) == res.dirs[k] else "worse")
             cells.append(f"Δ {fmt(d.mean)} [{fmt(d.lo)}, {fmt(d.hi)}]; **{mark}**")
@@ -297,8 +304,11 @@ def write_study(jobs: list[Any], base: str, args: Any, command: str, wall_s: flo
     spec0, n_seeds = jobs[0].spec, args.seeds
     total = spec0.train.steps
     figs = args.docs.parent / "figures"
-    charts = []
+    charts, empty = [], []
     for key, per in bands.items():
+        if not any(math.isfinite(m) for b in per.values() for m in b[1]):
+            empty.append(key)  # e.g. av_sync_ms when no clip has a detectable bounce: NaN in every run
+            continue
         arrow = {True: " (higher is better)", False: " (lower is better)"}.get(res.dirs.get(key), "")
         charts.append(band_chart(per, figs / f"study_{args.section}_{key}.png", title=f"{key}{arrow}",
                                  xlabel="step", ylabel=key))
@@ -322,7 +332,8 @@ def write_study(jobs: list[Any], base: str, args: Any, command: str, wall_s: flo
     if real_vals:
         lines += ["", "Real held-out data (the ceiling): " + ", ".join(f"{k} {fmt(v)}" for k, v in real_vals.items())]
     lines += ["", *versus_table(res, total), "", *reach_table(res, total, n_seeds), "",
-              "Charts: seed mean (line) and its 95 % interval (shaded) per evaluated step.", ""]
+              "Charts: seed mean (line) and its 95 % interval (shaded) per evaluated step"
+              + (f"; none for {', '.join(empty)} (no finite value in any run)." if empty else "."), ""]
     lines += [f"![{c.stem}]({Path(os.path.relpath(c, args.docs.parent)).as_posix()})" for c in charts]
     replace_block(args.docs, args.section, "\n".join(lines) + "\n")
     summary = {"command": command, "baseline": base, "seeds": n_seeds, "steps": total, "interval": args.interval,

@@ -175,3 +175,42 @@ def test_train_seed_drives_init_data_order_and_noise():
     (w0, x0, n0), (w0b, x0b, n0b), (w1, x1, n1) = parts(0), parts(0), parts(1)
     assert torch.equal(w0, w0b) and torch.equal(x0, x0b) and torch.equal(n0, n0b)  # reproducible
     assert not torch.equal(w0, w1) and not torch.equal(x0, x1) and not torch.equal(n0, n1)
+
+
+def test_report_on_known_curves(tmp_path):
+    """write_study on hand-written metrics.jsonl files: the faster method reaches the baseline's final accuracy
+    at 200 of 300 steps (67 %), a slower one never does, an all-NaN metric gets no chart and "n/a" marks."""
+    from types import SimpleNamespace
+
+    from registry.spec import validate
+    from runtime.study_report import write_study
+
+    curves = {"base": [0.5, 0.7, 0.8], "fast": [0.7, 0.8, 0.9], "slow": [0.3, 0.4, 0.5]}
+    ev = {"metrics": [{"type": "class_accuracy"}, {"type": "classifier_fd"}]}
+    jobs = []
+    for name, acc in curves.items():
+        spec = validate(tiny_spec_dict(name=name, eval=ev, train={**FAST["train"], "steps": 300}))
+        for seed, jitter in enumerate((-0.01, 0.0, 0.01)):
+            out = tmp_path / "runs" / name / f"seed{seed}"
+            out.mkdir(parents=True)
+            rows = [{"step": 100 * (i + 1), "eval/class_accuracy": a + jitter, "eval/classifier_fd": "nan"}
+                    for i, a in enumerate(acc)]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            jobs.append(SimpleNamespace(spec=spec, seed=seed, out=out))
+    args = SimpleNamespace(seeds=3, interval="t", eval_every=100, section="known", docs=tmp_path / "r.md",
+                           out=tmp_path / "runs")
+    doc, charts = write_study(jobs, "base", args, "python -m runtime.study ...", wall_s=1.0)
+    text = doc.read_text()
+    assert [c.name for c in charts] == ["study_known_class_accuracy.png"]
+    assert "none for classifier_fd (no finite value in any run)" in text
+    # a resample of fast's lowest seed three times (0.79 at step 200) against base's highest (0.81) reaches it at 300
+    assert "| fast | 200 (67 %) [200, 300] |" in text
+    assert "| slow | not reached [not reached, not reached]; reached in 0 % of resamples |" in text
+    assert "| base | 300 (100 %) [300, 300] |" in text
+    # final accuracy: base 0.8 ± t(0.975, 2) * 0.01 / sqrt(3) = 0.8 ± 0.02484
+    assert "| base | 0.8 ± 0.02484 [0.7752, 0.8248] (n=3) | n/a (n=0) |" in text
+    assert re.search(r"\| fast \| Δ 0\.1 \[0\.07\d*, 0\.12\d*\]; \*\*separate, better\*\* \| Δ n/a \[n/a, n/a\]; \*\*n/a\*\* \|",
+                     text)
+    summary = json.loads((tmp_path / "runs" / "study_summary.json").read_text())
+    assert summary["metrics"]["class_accuracy"]["specs"]["slow"]["steps_to_baseline"]["step"] is None
+    assert summary["metrics"]["classifier_fd"]["specs"]["base"]["mean"] == [None, None, None]
