@@ -11,6 +11,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100
 Series = dict[str, list[tuple[float, float]]]
@@ -84,4 +85,38 @@ def panel_chart(panels: dict[str, Series], path: Path, *, title: str, xlabel: st
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+Band = tuple[list[float], list[float], list[float], list[float]]
+"""``(steps, mean, lo, hi)`` of one method; NaN bounds (one seed) draw the mean line alone."""
+
+
+def band_chart(bands: dict[str, Band], path: Path, *, title: str, xlabel: str, ylabel: str,
+               size: tuple[int, int] = (640, 400)) -> Path:
+    """One mean line per method with its interval shaded in the line's colour (points with non-finite means
+    dropped; the band only where both bounds are finite); saved as a ``size`` (pixels) PNG. Raises ValueError
+    when no method has a finite mean."""
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    drawn = 0
+    for name, (xs, mean, lo, hi) in bands.items():
+        pts = [(x, m, a, b) for x, m, a, b in zip(xs, mean, lo, hi) if math.isfinite(x) and math.isfinite(m)]
+        if not pts:
+            continue
+        x, m, a, b = (list(c) for c in zip(*pts))
+        line, = ax.plot(x, m, label=name, linewidth=1.6, marker="o" if len(x) <= 30 else None, markersize=3.5)
+        ok = [math.isfinite(u) and math.isfinite(v) for u, v in zip(a, b)]
+        if len(x) == 1 and ok[0]:  # one evaluated step: an error bar, a band would have no width
+            ax.errorbar(x, m, yerr=[[m[0] - a[0]], [b[0] - m[0]]], color=line.get_color(), capsize=4, linewidth=1.2)
+        elif any(ok):
+            ax.fill_between(x, [u if k else math.nan for u, k in zip(a, ok)], [v if k else math.nan for v, k in zip(b, ok)],
+                            color=line.get_color(), alpha=0.18, linewidth=0)
+        drawn += len(x)
+    if not drawn:
+        raise ValueError(f"{title}: nothing to plot")
+    _draw(ax, {}, xlabel, ylabel)  # axis labels, grid and spines as the other charts
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: whole, round numbers
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=9)
     return _save(fig, path)

@@ -408,6 +408,8 @@ def test_metric_contract(tag, tmp_path):
         xs, ys = zip(*(ds[i] for i in range(min(METRIC_SAMPLES.get(tag, 40), len(ds)))))
         out = metric(stack(list(xs)), torch.tensor(ys))
     assert out and all(isinstance(v, float) and math.isfinite(v) for v in out.values())
+    # every value it returns has a declared direction (seed studies read it: runtime.study_report)
+    assert set(type(metric).directions(metric.params)) == set(out)
 
 
 @pytest.mark.parametrize("tag", entries(LR_SCHEDULES))

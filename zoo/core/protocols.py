@@ -129,6 +129,16 @@ class Metric:
     ``uses_model`` instead ``metric.evaluate_model(graph) -> {name: value}`` on the model itself (linear probes)."""
 
     uses_model: ClassVar[bool] = False
+    higher_is_better: ClassVar[bool | None] = None
+    """Whether a larger value is better (accuracies, agreement: True; distances, offsets: False); None when
+    undeclared. Read through :meth:`directions` (seed studies compare methods with it)."""
+
+    @classmethod
+    def directions(cls, params: Any) -> dict[str, bool]:
+        """Name of every value the metric returns for ``params`` -> whether a larger value is better. The default
+        fits a metric returning one value named after its ``type`` (``{params.type: higher_is_better}``); a
+        metric whose names depend on its params or whose values differ in direction overrides it."""
+        return {} if cls.higher_is_better is None else {params.type: cls.higher_is_better}
 
     def clip_readings(self, samples: Any) -> list[dict[str, Any]] | None:
         """What this metric reads in each sample, one JSON-ready dict per sample, for the report to show beside

@@ -299,6 +299,7 @@ class AVAgreement(_AVMetric):
     """``metric({"video": (B, C, T, H, W), "audio": (B, 1, L)}, labels ignored) -> {"av_agreement": [0, 1]}``."""
 
     Params = AVAgreementMetricParams
+    higher_is_better = True
     name, needs = "av_agreement", ("video", "audio")
 
     def __call__(self, samples: Any, labels: Tensor | None = None) -> dict[str, float]:
@@ -338,6 +339,10 @@ class AVSync(_AVMetric):
     """
 
     Params = AVSyncMetricParams
+
+    @classmethod
+    def directions(cls, params: Any) -> dict[str, bool]:
+        return {"av_sync_ms": False, "av_sync_detected": True}
     name, needs = "av_sync_ms", ("video", "audio")
 
     def __call__(self, samples: Any, labels: Tensor | None = None) -> dict[str, float]:
@@ -370,6 +375,7 @@ class VideoClassAccuracy(_AVMetric):
     """``metric(video (B, C, T, H, W) or {"video": ...}, labels (B,)) -> {"video_class_accuracy": [0, 1]}``."""
 
     Params = VideoClassAccuracyMetricParams
+    higher_is_better = True
     name, needs = "video_class_accuracy", ("video",)
 
     def __call__(self, samples: Any, labels: Tensor | None) -> dict[str, float]:
@@ -394,6 +400,7 @@ class AudioClassAccuracy(_AVMetric):
     """``metric(audio (B, 1, L) or {"audio": ...}, labels (B,)) -> {"audio_class_accuracy": [0, 1]}``."""
 
     Params = AudioClassAccuracyMetricParams
+    higher_is_better = True
     name, needs = "audio_class_accuracy", ("audio",)
 
     def __call__(self, samples: Any, labels: Tensor | None) -> dict[str, float]:
@@ -424,6 +431,7 @@ class VideoConsistency(_AVMetric):
     """
 
     Params = VideoConsistencyMetricParams
+    higher_is_better = True
     name, needs = "video_consistency", ("video",)
 
     def __call__(self, samples: Any, labels: Tensor | None = None) -> dict[str, float]:

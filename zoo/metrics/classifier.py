@@ -312,6 +312,7 @@ class ClassAccuracy(Metric):
     """``metric(samples (N, C, H, W) in [-1, 1], labels (N,)) -> {"class_accuracy": float in [0, 1]}``."""
 
     Params = ClassAccuracyMetricParams
+    higher_is_better = True
 
     def __init__(self, params: ClassAccuracyMetricParams, data_params: Any, device: torch.device | str = "cpu"):
         data_params = data_params.data_space()
@@ -365,6 +366,7 @@ class ClassifierFD(Metric):
     """
 
     Params = ClassifierFDMetricParams
+    higher_is_better = False
 
     def __init__(self, params: ClassifierFDMetricParams, data_params: Any, device: torch.device | str = "cpu"):
         data_params = data_params.data_space()

@@ -188,6 +188,7 @@ class FAD(Metric):
     """``metric(samples (N, [C,] L) or {"audio": ...}, labels ignored) -> {"fad": float >= 0}``."""
 
     Params = FADParams
+    higher_is_better = False
     _refs: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def __init__(self, params: FADParams, data_params: Any, device: torch.device | str = "cpu", **deps: Any):

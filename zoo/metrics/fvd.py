@@ -227,6 +227,7 @@ class FVD(Metric):
     """``metric(samples (N, C, T, H, W) or {"video": ...}, labels ignored) -> {"fvd": float >= 0}``."""
 
     Params = FVDParams
+    higher_is_better = False
     _refs: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def __init__(self, params: FVDParams, data_params: Any, device: torch.device | str = "cpu", **deps: Any):

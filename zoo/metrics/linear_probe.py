@@ -46,6 +46,15 @@ class LinearProbe(Metric):
     Params = LinearProbeMetricParams
     uses_model: ClassVar[bool] = True
 
+    @staticmethod
+    def value_name(p: LinearProbeMetricParams) -> str:
+        """``linear_probe_b<block>`` (``_t<t>`` when probing at ``t > 0``)."""
+        return f"linear_probe_b{p.block}" + (f"_t{p.t:g}" if p.t else "")
+
+    @classmethod
+    def directions(cls, params: LinearProbeMetricParams) -> dict[str, bool]:
+        return {cls.value_name(params): True}
+
     def __init__(self, params: LinearProbeMetricParams, data_params: Any, device: torch.device | str = "cpu"):
         self.params, self.device = params, torch.device(device)
         self.train_set = DATASETS.build(data_params, split="train")
@@ -83,4 +92,4 @@ class LinearProbe(Metric):
         gram = xtr1.T @ xtr1 + p.ridge * len(xtr1) * torch.eye(xtr1.shape[1], dtype=xtr1.dtype)
         w = torch.linalg.solve(gram, xtr1.T @ targets)                                # (D + 1, k)
         acc = (xte1 @ w).argmax(1).eq(yte).double().mean().item()
-        return {f"linear_probe_b{p.block}" + (f"_t{p.t:g}" if p.t else ""): acc}
+        return {self.value_name(p): acc}

@@ -381,6 +381,7 @@ class FID(_ImageMetric):
     """``{"fid": float}`` from pool3 features."""
 
     Params = FIDParams
+    higher_is_better = False
 
     def values(self, feats: np.ndarray) -> dict[str, float]:
         mu, sigma = feature_stats(feats)
@@ -394,6 +395,7 @@ class SFID(_ImageMetric):
 
     Params = SFIDParams
     key = "spatial"
+    higher_is_better = False
 
     def values(self, feats: np.ndarray) -> dict[str, float]:
         mu, sigma = feature_stats(feats)
@@ -407,6 +409,7 @@ class InceptionScore(_ImageMetric):
 
     Params = InceptionScoreParams
     key = "logits"
+    higher_is_better = True
 
     def values(self, feats: np.ndarray) -> dict[str, float]:
         return {"inception_score": inception_score(feats)}
@@ -418,6 +421,10 @@ class PrecisionRecall(_ImageMetric):
 
     Params = PrecisionRecallParams
 
+    @classmethod
+    def directions(cls, params: Any) -> dict[str, bool]:
+        return {"precision": True, "recall": True}
+
     def values(self, feats: np.ndarray) -> dict[str, float]:
         prec, rec = precision_recall(self.reference()["pool"], feats, self.params.k)
         return {"precision": prec, "recall": rec}
@@ -428,6 +435,7 @@ class FDDINOv2(_ImageMetric):
     """``{"fd_dinov2": float}`` from DINOv2 CLS features."""
 
     Params = FDDINOv2Params
+    higher_is_better = False
     need = "dinov2"
     key = "cls"
 
