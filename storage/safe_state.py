@@ -140,6 +140,22 @@ def sha256_file(path: Path) -> str:
     return digest
 
 
+def load_state_strict(net: torch.nn.Module, weights: str | Path, what: str, hint: str) -> torch.nn.Module:
+    """Load the safetensors state dict ``weights`` into ``net`` (every key, no other); FileNotFoundError naming
+    the file and ``hint`` (where such a file comes from), ValueError when the keys are not ``what``'s."""
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(weights))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} weights not found: {weights} ({hint})") from None
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: not a{'n' if what[0] in 'AEIOU' else ''} {what} state dict (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]})")
+    return net
+
+
 def safetensors_header(f: Path) -> dict[str, Any]:
     """Parse the header (u64 little-endian length + JSON) and check that every tensor's byte range fits its
     dtype and shape and that the ranges fill the data section exactly. Returns the header; ValueError."""

@@ -230,10 +230,11 @@ def load_export(net: nn.Module, path: str | Path, cfg: dict[str, Any]) -> None:
         raise ValueError(f"{weights}: does not match the architecture in {CONFIG} ({str(e).splitlines()[0]})") from None
 
 
-class ClipVAEAutoencoderParams(AutoencoderParams):
-    """An exported ``clip_vae`` as the frozen video autoencoder."""
+class ExportedVAEParams(AutoencoderParams):
+    """Base of the autoencoder entries that load a directory written by ``runtime.export_autoencoder``; a subclass
+    sets ``type`` and ``backbone_params`` (the params class of the backbone that was trained)."""
 
-    type: Literal["clip_vae"] = Field(..., description="A trained clip_vae exported with runtime.export_autoencoder.")
+    backbone_params: ClassVar[type[ZooParams]]
     path: str = Field(..., description="Exported directory (config.json + model.safetensors), relative to the "
                                        "working directory or absolute.")
 
@@ -241,13 +242,20 @@ class ClipVAEAutoencoderParams(AutoencoderParams):
     @classmethod
     def _exported(cls, v: str) -> str:
         try:
-            read_export(v)
+            read_export(v, cls.backbone_params)
         except FileNotFoundError as e:
             raise ValueError(str(e)) from None
         return v
 
     def _cfg(self) -> dict[str, Any]:
-        return read_export(self.path)
+        return read_export(self.path, self.backbone_params)
+
+
+class ClipVAEAutoencoderParams(ExportedVAEParams):
+    """An exported ``clip_vae`` as the frozen video autoencoder."""
+
+    backbone_params = ClipVAEParams
+    type: Literal["clip_vae"] = Field(..., description="A trained clip_vae exported with runtime.export_autoencoder.")
 
     def latent_shape(self, input_shape: Any) -> tuple[int, ...]:
         """``(C, T, H, W)`` -> ``(z, T/dt, H/dh, W/dw)``; ValueError when the shape is not the trained one."""

@@ -28,14 +28,14 @@ from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import AUTOENCODERS, BACKBONES
 from zoo.autoencoders.base import TrainableAutoencoder
-from zoo.autoencoders.clip_vae import load_export, read_export
+from zoo.autoencoders.clip_vae import ExportedVAEParams, load_export, read_export
 from zoo.autoencoders.conv_vae import LOGVAR_RANGE, FrozenVAE
-from zoo.core.params import AutoencoderParams, Root, ZooParams
+from zoo.core.params import Root, ZooParams
 
 POS_LOGVAR = -9.0
 """Fixed log-variance of the position channels' posterior (std ~0.011 in [-1, 1] units, about 0.1 px at 16 px)."""
@@ -210,25 +210,15 @@ class SpriteVAE(TrainableAutoencoder):
 
 
 # ------------------------------------------------------------------------------ frozen exported network
-class SpriteVAEAutoencoderParams(AutoencoderParams):
+class SpriteVAEAutoencoderParams(ExportedVAEParams):
     """An exported ``sprite_vae`` as the frozen video autoencoder."""
 
+    backbone_params = SpriteVAEParams
     type: Literal["sprite_vae"] = Field(..., description="A trained sprite_vae exported with runtime.export_autoencoder.")
-    path: str = Field(..., description="Exported directory (config.json + model.safetensors), relative to the "
-                                       "working directory or absolute.")
-
-    @field_validator("path")
-    @classmethod
-    def _exported(cls, v: str) -> str:
-        try:
-            read_export(v, SpriteVAEParams)
-        except FileNotFoundError as e:
-            raise ValueError(str(e)) from None
-        return v
 
     def latent_shape(self, input_shape: Any) -> tuple[int, ...]:
         """``(C, T, H, W)`` -> ``(z + 2, T, 1, 1)``; ValueError when the shape is not the trained one."""
-        cfg = read_export(self.path, SpriteVAEParams)
+        cfg = self._cfg()
         shape = tuple(int(s) for s in input_shape)
         if shape != tuple(cfg["sample_shape"]):
             raise ValueError(f"sprite_vae {self.path} was trained on clips {tuple(cfg['sample_shape'])}; the data "

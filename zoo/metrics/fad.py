@@ -31,6 +31,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import METRICS
+from storage.safe_state import load_state_strict
 from zoo.core.params import ZooParams
 from zoo.core.protocols import Metric
 from zoo.metrics.frechet import feature_stats, frechet_distance
@@ -132,21 +133,11 @@ _NETS: dict[tuple, VGGish] = {}
 
 def load_vggish(weights: str | None, device: torch.device | str = "cpu") -> VGGish:
     """VGGish from a local safetensors state dict (strict); ``None`` = random init (tests only). Cached."""
-    from safetensors.torch import load_file
-
     key = (str(weights), str(device))
     if key not in _NETS:
-        net = VGGish()
-        if weights is not None:
-            try:
-                sd = load_file(weights)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"VGGish weights not found: {weights} (see README 'Evaluating like the "
-                                        "papers'; convert with `python -m runtime.convert detector vggish`)") from None
-            missing, unexpected = net.load_state_dict(sd, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{weights}: not a VGGish state dict (missing {missing[:3]}, unexpected "
-                                 f"{unexpected[:3]})")
+        net = VGGish() if weights is None else load_state_strict(
+            VGGish(), weights, "VGGish", "see README 'Evaluating like the papers'; convert with "
+                                         "`python -m runtime.convert detector vggish`")
         _NETS[key] = net.eval().to(device)
     return _NETS[key]
 

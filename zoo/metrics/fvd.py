@@ -29,6 +29,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from registry.kinds import METRICS
+from storage.safe_state import load_state_strict
 from zoo.core.params import ZooParams
 from zoo.core.protocols import Metric
 from zoo.metrics.frechet import feature_stats, frechet_distance
@@ -155,21 +156,11 @@ _NETS: dict[tuple, I3D] = {}
 
 def load_i3d(weights: str | None, device: torch.device | str = "cpu") -> I3D:
     """I3D from a local safetensors state dict (strict); ``None`` = random initialisation (tests only). Cached."""
-    from safetensors.torch import load_file
-
     key = (str(weights), str(device))
     if key not in _NETS:
-        net = I3D()
-        if weights is not None:
-            try:
-                sd = load_file(weights)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"I3D weights not found: {weights} (see README 'Evaluating like the papers'; "
-                                        "convert with `python -m runtime.convert detector i3d`)") from None
-            missing, unexpected = net.load_state_dict(sd, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{weights}: not an I3D state dict (missing {missing[:3]}, unexpected "
-                                 f"{unexpected[:3]})")
+        net = I3D() if weights is None else load_state_strict(
+            I3D(), weights, "I3D", "see README 'Evaluating like the papers'; convert with "
+                                   "`python -m runtime.convert detector i3d`")
         _NETS[key] = net.eval().to(device)
     return _NETS[key]
 
