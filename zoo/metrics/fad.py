@@ -80,7 +80,11 @@ def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndar
     """``(..., L)`` at ``rate`` -> ``target`` (polyphase, scipy); unchanged when the rates are equal."""
     if rate == target:
         return audio
-    from scipy.signal import resample_poly
+    try:
+        from scipy.signal import resample_poly
+    except ImportError:
+        raise ImportError(f"fad: audio at {rate} Hz must be resampled to {target} Hz with scipy, which is not "
+                          f"installed (`pip install scipy`, or the `eval` extra)") from None
 
     g = math.gcd(int(rate), int(target))
     return resample_poly(audio, target // g, int(rate) // g, axis=-1)
