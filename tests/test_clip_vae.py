@@ -29,15 +29,21 @@ TINY_AE = ["train.steps=2", "train.warmup_steps=1", "train.batch_size=4", "train
 def random_export(out: Path, sample_shape: tuple[int, ...] = (1, 2, 8, 8), **backbone: Any) -> Path:
     """An exported ``clip_vae`` directory with random weights (the ``tiny`` preset unless ``backbone`` says
     otherwise) and unit latent statistics, in the layout ``runtime.export_autoencoder`` writes."""
-    from safetensors.torch import save_file
-    from storage.safe_state import sha256_file
     from zoo.autoencoders.clip_vae import ClipVAENet
 
     bp = BACKBONES.get("clip_vae").Params.model_validate({"type": "clip_vae", "preset": "tiny", **backbone})
-    net = ClipVAENet.from_params(bp, sample_shape[0])
+    return write_export(out, bp, ClipVAENet.from_params(bp, sample_shape[0]), sample_shape)
+
+
+def write_export(out: Path, bp: Any, net: torch.nn.Module, sample_shape: tuple[int, ...]) -> Path:
+    """``net``'s weights and a config with unit latent statistics for backbone params ``bp``, in the layout
+    ``runtime.export_autoencoder`` writes."""
+    from safetensors.torch import save_file
+    from storage.safe_state import sha256_file
+
     out.mkdir(parents=True, exist_ok=True)
     save_file(net.state_dict(), str(out / WEIGHTS))
-    z = bp.latent_channels
+    z = bp.latent_dim
     (out / CONFIG).write_text(json.dumps({"backbone": bp.model_dump(mode="json"), "sample_shape": list(sample_shape),
                                           "latent_mean": [0.0] * z, "latent_std": [1.0] * z,
                                           "sha256": sha256_file(out / WEIGHTS)}))

@@ -18,6 +18,7 @@ from zoo.autoencoders.clip_vae import CONFIG, WEIGHTS
 from zoo.autoencoders.sprite_vae import POS_LOGVAR, SpriteVAENet, _translate
 
 from tests.helpers import AV_RUN_SETS
+from tests.test_clip_vae import write_export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,18 +30,9 @@ TINY_AE = ["train.steps=2", "train.warmup_steps=1", "train.batch_size=4", "train
 
 def random_export(out: Path, sample_shape: tuple[int, ...] = (1, 2, 8, 8)) -> Path:
     """An exported ``sprite_vae`` (tiny preset, random weights, unit statistics) in the export layout."""
-    from safetensors.torch import save_file
-    from storage.safe_state import sha256_file
-
     bp = BACKBONES.get("sprite_vae").Params.model_validate({"type": "sprite_vae", "preset": "tiny"})
     net = SpriteVAENet(sample_shape[0], sample_shape[-1], bp.latent_channels, bp.width, bp.depth)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(net.state_dict(), str(out / WEIGHTS))
-    z = bp.latent_dim
-    (out / CONFIG).write_text(json.dumps({"backbone": bp.model_dump(mode="json"), "sample_shape": list(sample_shape),
-                                          "latent_mean": [0.0] * z, "latent_std": [1.0] * z,
-                                          "sha256": sha256_file(out / WEIGHTS)}))
-    return out
+    return write_export(out, bp, net, sample_shape)
 
 
 def test_latent_layout_and_fixed_position_variance():
